@@ -1,0 +1,33 @@
+# The two commands that matter: `make demo` (the main job, end to end) and `make test`.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+REQS := layers/token_manager/requirements.txt requirements-dev.txt
+
+.PHONY: help demo test venv lint invoke local-api bench sam-build sam-validate clean
+
+help:
+	@echo "make demo        run the whole service end to end on this machine (main job)"
+	@echo "make test        lint, type-check, template lint and the tests on real Redis + Postgres"
+	@echo "make invoke      run every sample event in events/ through its handler in-process"
+	@echo "make sam-validate / sam-build   SAM CLI checks (own tool venv)"
+
+$(VENV)/.requirements.sha256: $(REQS) scripts/bootstrap-venv.sh
+	scripts/bootstrap-venv.sh
+
+venv: $(VENV)/.requirements.sha256
+
+test: venv
+	scripts/with-services.sh scripts/run-tests.sh
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy && $(VENV)/bin/cfn-lint --non-zero-exit-code error template.yaml
+
+demo:
+	@echo "make demo: the end-to-end demo is not built yet." >&2
+	@exit 1
+
+clean:
+	rm -rf $(VENV) .venv-sam .aws-sam

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Creates (or reuses) .venv on the Lambda runtime's Python with the layer's runtime
+# requirements and the pinned dev requirements. A second run with unchanged
+# requirements does nothing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+venv="$root/.venv"
+reqs=("$root/layers/token_manager/requirements.txt" "$root/requirements-dev.txt")
+stamp="$venv/.requirements.sha256"
+want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
+
+if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+find_python() {
+  local p v
+  # pyenv's python3.13 shim answers only when that version is selected: ask pyenv
+  # for the real path instead of running the shim.
+  if command -v pyenv >/dev/null 2>&1; then
+    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.13(\.[0-9]+)?$' | sort -rV); do
+      if p=$(PYENV_VERSION=$v pyenv which python3.13 2>/dev/null) && [ -x "$p" ]; then echo "$p"; return; fi
+    done
+  fi
+  for p in /usr/bin/python3.13 /usr/local/bin/python3.13; do
+    [ -x "$p" ] && { echo "$p"; return; }
+  done
+  if p=$(command -v python3) && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+    echo "WARNING: python3.13 (the Lambda runtime) not found; using $("$p" -V 2>&1) instead" >&2
+    echo "$p"; return
+  fi
+  echo "error: need python3.13 (or python3 >= 3.11)" >&2
+  return 1
+}
+
+py=$(find_python)
+echo "venv: creating $venv with $("$py" -V)"
+rm -rf "$venv"
+"$py" -m venv "$venv"
+"$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
+if ! "$venv/bin/pip" install -q -r "${reqs[0]}" -r "${reqs[1]}" >"$venv/pip.log" 2>&1; then
+  grep -v "is ignored: it is neither" "$venv/pip.log" >&2
+  echo "venv: pip install failed" >&2
+  exit 1
+fi
+echo "$want" > "$stamp"
