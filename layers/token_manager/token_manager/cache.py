@@ -45,6 +45,16 @@ end
 return value
 """
 
+# A fill that raced with a revoke or an expiry (it read the grant before the row was
+# deleted) must not put the token back: fills are refused while the user is blocked.
+_SET_UNLESS_BLOCKED_LUA = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', tonumber(ARGV[2]))
+return 1
+"""
+
 # Compare-and-delete: a holder whose lock expired must not delete the next holder's lock.
 _RELEASE_LOCK_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -92,6 +102,10 @@ def token_key(user_id: str) -> str:
     return f"sonos:token:{user_id}"
 
 
+def blocked_key(user_id: str) -> str:
+    return f"sonos:token:blocked:{user_id}"
+
+
 def lock_key(user_id: str) -> str:
     return f"sonos:lock:refresh:{user_id}"
 
@@ -124,6 +138,7 @@ class RedisCache:
         self._failures: tuple[type[Exception], ...] = (RedisError, OSError)
         self._consume_state_script: Script = client.register_script(_CONSUME_STATE_LUA)
         self._release_lock_script: Script = client.register_script(_RELEASE_LOCK_LUA)
+        self._set_token_script: Script = client.register_script(_SET_UNLESS_BLOCKED_LUA)
         self._failure_log = _FailureLog(clock)
 
     @classmethod
@@ -241,15 +256,40 @@ class RedisCache:
             if ttl_ms <= 0:
                 self._client.delete(token_key(user_id))
             else:
-                self._client.set(token_key(user_id), blob, px=ttl_ms)
+                self._set_token_script(keys=[token_key(user_id), blocked_key(user_id)], args=[blob, ttl_ms])
         except self._failures as exc:
             self._failure_log.report("token cache write", type(exc).__name__)
 
     def delete_token(self, user_id: str) -> bool:
-        """Drop the cached token. ``False`` when Redis failed (the caller logs); never raises."""
+        """Drop the cached token. ``False`` when Redis failed (logged); never raises."""
         try:
             self._client.delete(token_key(user_id))
-        except self._failures:
+        except self._failures as exc:
+            self._failure_log.report("token cache delete", type(exc).__name__)
+            return False
+        return True
+
+    def block_token(self, user_id: str) -> bool:
+        """Drop the cached token and refuse fills for the longest cache TTL (revoke, expiry).
+
+        ``False`` when Redis failed (the caller logs); never raises.
+        """
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(blocked_key(user_id), "1", ex=MAX_TOKEN_CACHE_TTL_SECONDS)
+            pipe.delete(token_key(user_id))
+            pipe.execute()
+        except self._failures as exc:
+            self._failure_log.report("token cache block", type(exc).__name__)
+            return False
+        return True
+
+    def unblock_token(self, user_id: str) -> bool:
+        """Allow fills again (a new link) and drop any cached token of the old grant."""
+        try:
+            self._client.delete(blocked_key(user_id), token_key(user_id))
+        except self._failures as exc:
+            self._failure_log.report("token cache unblock", type(exc).__name__)
             return False
         return True
 
