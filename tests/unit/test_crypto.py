@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from token_manager import crypto
 from token_manager.crypto import KEY_BYTES, TOKEN_FIELDS, KeyRing, TokenCipher, new_key_id
@@ -222,7 +223,7 @@ def test_decryption_errors_carry_no_data_and_no_chained_cause(cipher: TokenCiphe
     ]
     for attempt in attempts:
         with pytest.raises(TokenDecryptionError) as caught:
-            cipher.decrypt(field="access_token", **attempt)  # type: ignore[arg-type]
+            cipher.decrypt(field="access_token", **attempt)
         error = caught.value
         message = str(error)
         assert message
@@ -232,7 +233,7 @@ def test_decryption_errors_carry_no_data_and_no_chained_cause(cipher: TokenCiphe
 
 
 def test_decrypted_bytes_that_are_not_utf8_fail_without_showing_them(cipher: TokenCipher) -> None:
-    aead = crypto.AESGCM(KEY_B)
+    aead = AESGCM(KEY_B)
     nonce = bytes(12)
     sealed = base64.urlsafe_b64encode(
         nonce + aead.encrypt(nonce, b"\xffsecret-bytes", crypto._associated_data("user-1", "cache"))
@@ -261,7 +262,7 @@ def test_nonce_comes_from_os_urandom(cipher: TokenCipher, monkeypatch: pytest.Mo
         requested.append(size)
         return bytes([7]) * size
 
-    monkeypatch.setattr(crypto.os, "urandom", fake_urandom)
+    monkeypatch.setattr("token_manager.crypto.os.urandom", fake_urandom)
     raw = base64.urlsafe_b64decode(cipher.encrypt(PLAINTEXT, user_id="user-1", field="cache"))
     assert requested == [12]
     assert raw[:12] == bytes([7]) * 12
@@ -269,13 +270,12 @@ def test_nonce_comes_from_os_urandom(cipher: TokenCipher, monkeypatch: pytest.Mo
 
 def test_one_aesgcm_per_key_is_built_once_not_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     built: list[bytes] = []
-    real_aesgcm = crypto.AESGCM
 
     def counting_aesgcm(key: bytes) -> object:
         built.append(key)
-        return real_aesgcm(key)
+        return AESGCM(key)
 
-    monkeypatch.setattr(crypto, "AESGCM", counting_aesgcm)
+    monkeypatch.setattr("token_manager.crypto.AESGCM", counting_aesgcm)
     ring = KeyRing("k3", {"k1": KEY_A, "k2": KEY_B, "k3": bytes(range(200, 232))})
     cipher = TokenCipher(ring)
     assert sorted(built) == sorted(ring.keys.values())
