@@ -29,5 +29,11 @@ demo:
 	@echo "make demo: the end-to-end demo is not built yet." >&2
 	@exit 1
 
+sam-validate:
+	scripts/sam.sh validate
+
+sam-build:
+	scripts/sam.sh build
+
 clean:
 	rm -rf $(VENV) .venv-sam .aws-sam
