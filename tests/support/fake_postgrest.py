@@ -97,6 +97,10 @@ class ScriptedPostgrest:
         self.requests: list[RecordedRequest] = []
         self._responses = list(responses)
 
+    def queue(self, *responses: httpx.Response) -> None:
+        """Answer the next requests with ``responses``, in order."""
+        self._responses.extend(responses)
+
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(record(request))
         return self._responses.pop(0) if self._responses else json_response(200, [])

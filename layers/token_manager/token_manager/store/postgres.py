@@ -47,8 +47,9 @@ class PostgresTokenStore:
 
     def __init__(self, dsn: str, *, connect_timeout: float = 5.0) -> None:
         self._dsn = dsn
-        # libpq takes whole seconds; rounding down could turn 0.5 into "wait forever".
-        self._connect_timeout_seconds = max(1, math.ceil(connect_timeout))
+        # libpq takes whole seconds and treats anything below 2 as 2; rounding down
+        # could turn 0.5 into 0, which means "wait forever".
+        self._connect_timeout_seconds = max(2, math.ceil(connect_timeout))
         self._lock = threading.Lock()
         self._connection: Connection | None = None
 
