@@ -353,6 +353,7 @@ def test_token_cache_misses_and_skips_when_redis_is_unreachable(
     assert down_cache.delete_token(USER) is False
 
     assert sorted(warnings_from_cache(caplog)) == [
+        "redis token cache delete failed: ConnectionError",
         "redis token cache read failed: ConnectionError",
         "redis token cache write failed: ConnectionError",
     ]
@@ -392,7 +393,8 @@ def test_failure_lines_are_limited_per_operation_and_error_class_and_count_suppr
 def test_token_write_killed_mid_command_is_skipped_then_the_next_call_reconnects(
     patient_cache: RedisCache, server: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
-    outcome = run_killed_mid_command(server, "set", lambda: patient_cache.set_token(USER, TOKEN_BLOB, 300))
+    # Fills go through the set-unless-blocked script.
+    outcome = run_killed_mid_command(server, "evalsha", lambda: patient_cache.set_token(USER, TOKEN_BLOB, 300))
 
     assert outcome == {"result": None}
     assert warnings_from_cache(caplog) == ["redis token cache write failed: ConnectionError"]
@@ -406,7 +408,7 @@ def test_connection_killed_while_idle_is_replaced_without_a_failure(
     cache: RedisCache, server: redis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache.set_token(USER, TOKEN_BLOB, 300)
-    idle = [c["id"] for c in server.client_list() if c["db"] == str(CACHE_TEST_DB) and c["cmd"] == "set"]
+    idle = [c["id"] for c in server.client_list() if c["db"] == str(CACHE_TEST_DB) and c["cmd"] == "evalsha"]
     assert len(idle) == 1
     server.client_kill_filter(_id=idle[0])
 
@@ -566,3 +568,20 @@ def test_importing_the_cache_module_does_not_import_redis() -> None:
     result = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, check=False)
 
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_blocked_user_refuses_fills_until_unblocked(cache: RedisCache, server: redis.Redis) -> None:
+    cache.set_token(USER, TOKEN_BLOB, 300)
+    assert cache.block_token(USER) is True
+    assert cache.get_token(USER) is None
+    cache.set_token(USER, TOKEN_BLOB, 300)  # a fill that raced with revoke or expiry
+    assert cache.get_token(USER) is None
+    assert 3590 < server.ttl(f"sonos:token:blocked:{USER}") <= 3600
+    assert cache.unblock_token(USER) is True
+    cache.set_token(USER, TOKEN_BLOB, 300)
+    assert cache.get_token(USER) == TOKEN_BLOB
+
+
+def test_block_and_unblock_report_failure_when_redis_is_down(down_cache: RedisCache) -> None:
+    assert down_cache.block_token(USER) is False
+    assert down_cache.unblock_token(USER) is False
