@@ -332,7 +332,9 @@ def _new_session() -> requests.Session:
     session = requests.Session()
     # Retries are ours alone (classified, jittered, counted); urllib3 must not add its own.
     no_retries = Retry(total=0, connect=0, read=0, redirect=0, status=0, other=0, raise_on_status=False)
-    adapter = HTTPAdapter(max_retries=no_retries)
+    # The refresher calls from up to REFRESHER_CONCURRENCY threads; urllib3's default pool of 10
+    # would open and discard a connection per extra thread. Connections open lazily, so this is free.
+    adapter = HTTPAdapter(max_retries=no_retries, pool_connections=4, pool_maxsize=64)
     session.mount("https://", adapter)
     session.mount("http://", adapter)
     return session
