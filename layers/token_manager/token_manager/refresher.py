@@ -85,12 +85,11 @@ def run_refresher(
 
 
 def _due_grants(store: TokenStore, before: datetime, page_size: int) -> Iterator[StoredGrant]:
+    # Stop on an empty page, not a short one: Supabase caps pages at its max-rows setting,
+    # which may be lower than page_size.
     after: str | None = None
-    while True:
-        page = store.list_due(before, page_size, after)
+    while page := store.list_due(before, page_size, after):
         yield from page
-        if len(page) < page_size:
-            return
         after = page[-1].user_id
 
 
