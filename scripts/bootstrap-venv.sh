@@ -13,18 +13,12 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
   exit 0
 fi
 
+# shellcheck source=scripts/python313.sh
+source "$root/scripts/python313.sh"
+
 find_python() {
-  local p v
-  # pyenv's python3.13 shim answers only when that version is selected: ask pyenv
-  # for the real path instead of running the shim.
-  if command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.13(\.[0-9]+)?$' | sort -rV); do
-      if p=$(PYENV_VERSION=$v pyenv which python3.13 2>/dev/null) && [ -x "$p" ]; then echo "$p"; return; fi
-    done
-  fi
-  for p in /usr/bin/python3.13 /usr/local/bin/python3.13; do
-    [ -x "$p" ] && { echo "$p"; return; }
-  done
+  local p
+  find_python313 && return
   if p=$(command -v python3) && "$p" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
     echo "WARNING: python3.13 (the Lambda runtime) not found; using $("$p" -V 2>&1) instead" >&2
     echo "$p"; return

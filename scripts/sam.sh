@@ -19,23 +19,9 @@ export SAM_CLI_TELEMETRY=0
 export AWS_DEFAULT_REGION="${AWS_DEFAULT_REGION:-us-east-1}"
 export AWS_REGION="${AWS_REGION:-$AWS_DEFAULT_REGION}"
 
-find_python313() {
-  local p v
-  # pyenv's python3.13 shim answers only when that version is selected: ask pyenv
-  # for the real path instead of running the shim (same search as bootstrap-venv.sh).
-  if command -v pyenv >/dev/null 2>&1; then
-    for v in $(pyenv versions --bare 2>/dev/null | grep -E '^3\.13(\.[0-9]+)?$' | sort -rV); do
-      if p=$(PYENV_VERSION=$v pyenv which python3.13 2>/dev/null) && [ -x "$p" ]; then echo "$p"; return; fi
-    done
-  fi
-  for p in /usr/bin/python3.13 /usr/local/bin/python3.13; do
-    [ -x "$p" ] && { echo "$p"; return; }
-  done
-  echo "error: sam build needs python3.13 (the Lambda runtime) and none was found" >&2
-  return 1
-}
-
-py313=$(find_python313)
+# shellcheck source=scripts/python313.sh
+source "$root/scripts/python313.sh"
+py313=$(find_python313) || { echo "error: sam build needs python3.13 (the Lambda runtime) and none was found" >&2; exit 1; }
 # `sam build` with BuildMethod python3.13 looks for `python3.13` on PATH; the pyenv
 # shim would refuse unless 3.13 is selected, so put the real bin directory first.
 export PATH="$(dirname "$py313"):$PATH"
