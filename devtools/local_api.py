@@ -719,7 +719,7 @@ class LocalApi:
 
     def _local_page(self, request: HttpRequest, path: str) -> HttpResponse | None:
         if path == START_PAGE_PATH and request.method in ("GET", "HEAD"):
-            return self._start_page()
+            return self._start_page(_query_value(request.target, "userId") or self.demo_user_id)
         if path == ROUTES_PATH and request.method == "GET":
             return _json_response(200, {"routes": [_describe_route(route) for route in self.service.routes]})
         if path == CONNECT_PATH and request.method == "POST":
@@ -746,7 +746,7 @@ class LocalApi:
         return HttpResponse(303, (("Location", authorization_url), ("Cache-Control", "no-store")), b"")
 
     def _disconnect(self, user_id: str) -> HttpResponse:
-        answer = self.invoke_route("DELETE", FETCH_PATH, body={"userId": user_id}, query={"userId": user_id})
+        answer = self.invoke_route("DELETE", FETCH_PATH, query={"userId": user_id})
         if answer.status >= 400:
             return _html_response(
                 answer.status,
@@ -756,8 +756,7 @@ class LocalApi:
             )
         return HttpResponse(303, (("Location", "/"), ("Cache-Control", "no-store")), b"")
 
-    def _start_page(self) -> HttpResponse:
-        user = self.demo_user_id
+    def _start_page(self, user: str) -> HttpResponse:
         status_html = self._connection_status_html(user) if self._has_route("GET", FETCH_PATH) else ""
         rows = "".join(
             f"<tr><td><code>{html.escape(route.method)}</code></td><td><code>{html.escape(route.path)}</code></td>"
@@ -830,6 +829,11 @@ def _error_code(body: bytes) -> str:
         return "no error code"
 
 
+def _query_value(target: str, name: str) -> str | None:
+    values = parse_qs(urlsplit(target).query).get(name)
+    return values[0].strip() if values and values[0].strip() else None
+
+
 def _form_value(body: bytes, name: str) -> str | None:
     values = parse_qs(body.decode("utf-8", errors="replace")).get(name)
     return values[0].strip() if values and values[0].strip() else None
@@ -878,6 +882,9 @@ class _LocalApiServer(ThreadingHTTPServer):
 
 class _LocalApiHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: without TCP_NODELAY, Nagle plus the client's
+    # delayed ACK adds ~40 ms to every keep-alive answer and skews the demo's latencies.
+    disable_nagle_algorithm = True
     server_version = "LocalApiGateway/1"
     sys_version = ""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import os
 import secrets
 import signal
@@ -13,7 +14,7 @@ import threading
 import types
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Final, Self
+from typing import Any, Final, Self
 
 from devtools.local_api import DEFAULT_TEMPLATE, DEMO_USER_ID, LocalApi
 from devtools.sonos_standin import SonosStandIn, StandInConfig
@@ -22,6 +23,8 @@ DEFAULT_API_PORT: Final = 3000
 DEFAULT_STANDIN_PORT: Final = 8710
 LOCAL_CLIENT_ID: Final = "local-demo-client"
 CALLBACK_PATH: Final = "/sonos/oauth/callback"
+KEY_RING_PARAMETER: Final = "/storytailor-dev/sonos/token-encryption-keys"
+LOCAL_REGION: Final = "us-east-1"
 
 
 class LocalStack:
@@ -32,6 +35,13 @@ class LocalStack:
     ring, the stand-in's client id and a per-run secret, the stand-in's URLs, the
     services' ``REDIS_URL`` / ``DATABASE_URL``, and the local API's callback as the
     one registered redirect URI.
+
+    With ``local_ssm=True`` the key ring lives where production keeps it, in the SSM
+    parameter ``/storytailor-dev/sonos/token-encryption-keys``, served by a local
+    moto SSM server (boto3 is pointed at it with ``AWS_ENDPOINT_URL_SSM`` and dummy
+    credentials) instead of ``TOKEN_ENCRYPTION_KEYS``: the key rotation handler then
+    runs unchanged, reading and writing the ring through SSM, and the other handlers
+    pick the rotated ring up the way they would in AWS.
 
     Example::
 
@@ -53,6 +63,7 @@ class LocalStack:
         extra_settings: dict[str, str] | None = None,
         template: Path = DEFAULT_TEMPLATE,
         demo_user_id: str = DEMO_USER_ID,
+        local_ssm: bool = False,
         environ: MutableMapping[str, str] | None = None,
         api_log: Callable[[str], None] | None = None,
     ) -> None:
@@ -63,13 +74,17 @@ class LocalStack:
         )
         self.stand_in = SonosStandIn(self._standin_config, host=host, port=standin_port)
         self.api = LocalApi(template, host=host, port=api_port, demo_user_id=demo_user_id, log=api_log)
+        self._host = host
         self._redis_url = redis_url
         self._database_url = database_url
         self._refresh_ahead_seconds = refresh_ahead_seconds
         self._key_ring_json = key_ring_json
         self._extra_settings = dict(extra_settings or {})
+        self._local_ssm = local_ssm
+        self._ssm_server: Any = None
         self._saved_environment: dict[str, str | None] = {}
         self.settings: dict[str, str] = {}
+        self.key_ring_json = ""
 
     @property
     def redirect_uri(self) -> str:
@@ -86,12 +101,13 @@ class LocalStack:
         try:
             self.api.start()
             self.stand_in.configure(redirect_uris=[self.redirect_uri])
+            self.key_ring_json = self._key_ring_json or KeyRing.generate().to_json()
             self.settings = {
                 "ENV": "dev",
                 "SONOS_CLIENT_ID": LOCAL_CLIENT_ID,
                 "SONOS_CLIENT_SECRET": self._client_secret,
                 "SONOS_REDIRECT_URI": self.redirect_uri,
-                "TOKEN_ENCRYPTION_KEYS": self._key_ring_json or KeyRing.generate().to_json(),
+                "TOKEN_ENCRYPTION_KEYS": "" if self._local_ssm else self.key_ring_json,
                 "REDIS_URL": self._redis_url,
                 "DATABASE_URL": self._database_url,
                 "SUPABASE_URL": "",
@@ -106,17 +122,66 @@ class LocalStack:
                 "EVENT_BUS_NAME": "",  # no EventBridge locally: reconnect events are logged only
                 **self._extra_settings,
             }
+            if self._local_ssm:
+                self.settings.update(self._start_local_ssm())
             for name, value in self.settings.items():
                 self._saved_environment.setdefault(name, self._environ.get(name))
                 self._environ[name] = value
+            if self._local_ssm:
+                self._put_key_ring_parameter()
         except BaseException:
             self.stop()
             raise
         return self
 
+    @property
+    def key_ring_parameter(self) -> str:
+        return KEY_RING_PARAMETER
+
+    def current_key_ring_json(self) -> str:
+        """The ring the handlers use now: the SSM parameter's value with local SSM, else the seeded one."""
+        if not self._local_ssm:
+            return self.key_ring_json
+        response = self._ssm_client().get_parameter(Name=KEY_RING_PARAMETER, WithDecryption=True)
+        return str(response["Parameter"]["Value"])
+
+    def _start_local_ssm(self) -> dict[str, str]:
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per SSM call otherwise
+        with contextlib.redirect_stdout(io.StringIO()):  # it announces itself on stdout
+            server = ThreadedMotoServer(ip_address=self._host, port=0, verbose=False)
+            server.start()
+        self._ssm_server = server
+        host, port = server.get_host_and_port()
+        return {
+            "AWS_ENDPOINT_URL_SSM": f"http://{host}:{port}",
+            # moto accepts any credentials; these only let boto3 sign its requests.
+            "AWS_ACCESS_KEY_ID": "local-ssm-stand-in",
+            "AWS_SECRET_ACCESS_KEY": "local-ssm-stand-in",
+            "AWS_DEFAULT_REGION": LOCAL_REGION,
+            "AWS_REGION": LOCAL_REGION,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def _ssm_client(self) -> Any:
+        import boto3
+
+        return boto3.client("ssm", endpoint_url=self.settings["AWS_ENDPOINT_URL_SSM"], region_name=LOCAL_REGION)
+
+    def _put_key_ring_parameter(self) -> None:
+        self._ssm_client().put_parameter(
+            Name=KEY_RING_PARAMETER, Value=self.key_ring_json, Type="SecureString", Overwrite=True
+        )
+
     def stop(self) -> None:
         self.api.stop()
         self.stand_in.stop()
+        if self._ssm_server is not None:
+            self._ssm_server.stop()
+            self._ssm_server = None
         for name, value in self._saved_environment.items():
             if value is None:
                 self._environ.pop(name, None)
