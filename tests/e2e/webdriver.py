@@ -17,7 +17,7 @@ import requests
 
 CHROMIUM: Final = Path("/usr/bin/chromium")
 CHROMEDRIVER: Final = Path("/usr/bin/chromedriver")
-ELEMENT_KEY: Final = "element-6066-11e4-a52f-4f5d6a6c4a5b"  # the W3C web element reference
+ELEMENT_KEY: Final = "element-6066-11e4-a52e-4f735466cecf"  # the W3C web element reference
 STARTUP_TIMEOUT_SEC: Final = 20.0
 COMMAND_TIMEOUT_SEC: Final = 30.0
 WINDOW_SIZE: Final = "1100,800"
