@@ -990,7 +990,9 @@ def main(argv: list[str] | None = None) -> None:
         demo_user_id=args.demo_user,
     )
     stop_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+    # SIGINT explicitly too: a shell starting us in the background leaves it ignored, not KeyboardInterrupt.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda signum, frame: stop_requested.set())
     with api:
         print(f"Local API listening on {api.url} (stage {api.stage})")
         for route in api.service.routes:
@@ -998,8 +1000,7 @@ def main(argv: list[str] | None = None) -> None:
         if api.start_page:
             print(f"Start page: {api.url}/")
         sys.stdout.flush()
-        with contextlib.suppress(KeyboardInterrupt):
-            stop_requested.wait()
+        stop_requested.wait()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import secrets
 import signal
@@ -230,7 +231,9 @@ def main(argv: list[str] | None = None) -> None:
         demo_user_id=args.demo_user,
     )
     stop_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+    # SIGINT explicitly too: a shell starting us in the background leaves it ignored, not KeyboardInterrupt.
+    for stop_signal in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop_signal, lambda signum, frame: stop_requested.set())
     try:
         stack.start()
     except OSError as exc:
@@ -253,13 +256,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  Postgres       {stack.settings['DATABASE_URL']}   (table sonos_tokens)")
         print()
         print("  Try it from a shell (AWS_IAM routes accept local calls unsigned):")
-        print(f'    curl -s -X POST {api.url}/sonos/oauth/initiate -d \'{{"userId": "{args.demo_user}"}}\'')
+        body = json.dumps({"userId": args.demo_user})
+        print(f"    curl -s -X POST {api.url}/sonos/oauth/initiate -H 'Content-Type: application/json' -d '{body}'")
         print(f"    curl -s '{api.url}/sonos/token?userId={args.demo_user}'")
         print(f"    curl -s -X DELETE '{api.url}/sonos/token?userId={args.demo_user}'")
         print()
         print("  Ctrl-C stops everything (the services too).", flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            stop_requested.wait()
+        stop_requested.wait()
     finally:
         stack.stop()
         print("local stack stopped", file=sys.stderr)
