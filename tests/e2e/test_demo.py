@@ -7,10 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psycopg
 import pytest
-
-from tests.conftest import MIGRATIONS, SUPABASE_ROLES_SQL
 
 pytestmark = pytest.mark.integration
 
@@ -33,15 +30,6 @@ STEP_TITLES = (
     "fetch after revoke",
     "no secret in logs, pages or transcript",
 )
-
-
-@pytest.fixture
-def migrated_database(fresh_database: str) -> str:
-    with psycopg.connect(fresh_database, autocommit=True) as connection:
-        connection.execute(SUPABASE_ROLES_SQL.read_text())
-        for migration in MIGRATIONS:
-            connection.execute(migration.read_text())
-    return fresh_database
 
 
 def _run_demo(database_url: str, redis_url: str) -> subprocess.CompletedProcess[str]:
