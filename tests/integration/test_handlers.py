@@ -39,6 +39,8 @@ from tests.support.handlers import (
 from tests.support.secrets_scan import find_leaks
 from token_manager import runtime
 from token_manager.crypto import KeyRing
+from token_manager.key_rotation import run_key_rotation
+from token_manager.store.postgres import PostgresTokenStore
 
 pytestmark = pytest.mark.integration
 
@@ -975,6 +977,46 @@ def test_key_rotation_writes_the_ring_to_ssm_and_fetch_keeps_working(world: Worl
     world.new_container()
     redis.Redis.from_url(world.redis_url).flushdb()
     assert world.invoke("token_fetch", {"userId": USER})["accessToken"] == ACCESS
+
+
+def test_a_second_rotation_in_a_warm_container_starts_from_the_ring_the_first_wrote(world: World) -> None:
+    # A scheduler retry lands in the same container minutes later: it must not rotate
+    # from a cached ring, which would drop the key the first run moved every row to.
+    world.move_to_ssm("TOKEN_ENCRYPTION_KEYS")
+    world.link()
+    first = world.invoke("key_rotation", load_event("key_rotation_schedule.json"))
+    second = world.invoke("key_rotation", load_event("key_rotation_schedule.json"))
+    assert second["previousKeyId"] == first["activeKeyId"]
+    assert (second["reencrypted"], second["failed"]) == (1, 0)
+    stored = boto3.client("ssm").get_parameter(
+        Name=SSM_PREFIX + SSM_NAMES["TOKEN_ENCRYPTION_KEYS"], WithDecryption=True
+    )
+    ring = KeyRing.from_json(stored["Parameter"]["Value"])
+    world.secrets.update(base64.b64encode(key).decode() for key in ring.keys.values())
+    assert {first["activeKeyId"], second["activeKeyId"]} <= set(ring.keys)
+    redis.Redis.from_url(world.redis_url).flushdb()
+    assert world.invoke("token_fetch", {"userId": USER})["accessToken"] == ACCESS
+
+
+def test_a_warm_fetch_container_reloads_a_ring_rotated_elsewhere(world: World) -> None:
+    world.move_to_ssm("TOKEN_ENCRYPTION_KEYS")
+    world.link()
+    assert world.invoke("token_fetch", {"userId": USER})["accessToken"] == ACCESS  # warm, ring cached
+    ssm = boto3.client("ssm")
+    name = SSM_PREFIX + SSM_NAMES["TOKEN_ENCRYPTION_KEYS"]
+
+    def persist(ring: KeyRing) -> None:
+        world.secrets.update(base64.b64encode(key).decode() for key in ring.keys.values())
+        ssm.put_parameter(Name=name, Value=ring.to_json(), Type="SecureString", Overwrite=True)
+
+    store = PostgresTokenStore(world.database_url)
+    try:
+        report = run_key_rotation(store, world.ring, persist_ring=persist)  # "another container" rotates
+    finally:
+        store.close()
+    assert report["reencrypted"] == 1
+    redis.Redis.from_url(world.redis_url).flushdb()
+    assert world.invoke("token_fetch", {"userId": USER})["accessToken"] == ACCESS  # same warm container
 
 
 def test_key_rotation_passes_the_configured_kms_key(world: World) -> None:
