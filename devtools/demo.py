@@ -535,6 +535,7 @@ class Demo:
             assert row is not None
             step.expect(row["version"] != version_before, "the stored grant did not change")
             new_token = self.decrypt(row, "access_token_encrypted", "access_token")
+            self.decrypt(row, "refresh_token_encrypted", "refresh_token")  # for the final secrets scan
             step.expect(new_token != current_token, "the stored token did not change")
             step.note(f"token aged to 120 s left; answer {json.dumps(answer)}")
             step.note(f"stored access token {fingerprint(current_token)} -> {fingerprint(new_token)}")
