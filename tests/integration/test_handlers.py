@@ -123,7 +123,7 @@ class World:
     def new_container(self) -> None:
         """What a fresh Lambda container has: nothing built, handler modules loaded anew."""
         runtime.reset_for_tests(sleep=self.sleeps.append)
-        reset_cold_start_flag()
+        reset_cold_start_flag()  # type: ignore[no-untyped-call]
         self.handlers.clear()
         self.warm_function = None
 
@@ -183,7 +183,7 @@ class World:
 
     def execute(self, statement: str, *params: object) -> None:
         with psycopg.connect(self.database_url, autocommit=True) as connection:
-            connection.execute(statement, params)  # type: ignore[arg-type]
+            connection.execute(statement, params)
 
     def row(self, user_id: str = USER) -> dict[str, Any] | None:
         with psycopg.connect(self.database_url, autocommit=True) as connection:

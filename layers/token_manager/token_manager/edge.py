@@ -194,8 +194,8 @@ def _describe_problem(error: Mapping[str, Any]) -> str:
     location = [part for part in error.get("loc", ()) if isinstance(part, str)]
     if kind == "json_invalid":
         return "The request body is not valid JSON."
-    if location[:1] == ["body"] and len(location) == 1:
-        return "The request body must be a JSON object."
+    if location == ["body"]:
+        return "A JSON request body is required." if kind == "missing" else "The request body must be a JSON object."
     names = [part for part in location if part not in ("body", "query") and _FIELD_NAME.fullmatch(part)]
     field = names[-1] if names else "A field"
     limits = error.get("ctx") or {}
