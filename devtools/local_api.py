@@ -595,6 +595,7 @@ class LocalApi:
         self._requested_port = port
         self._server: _LocalApiServer | None = None
         self._thread: threading.Thread | None = None
+        self._applied_environment: list[str] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -602,7 +603,7 @@ class LocalApi:
         if self._server is not None:
             raise RuntimeError("the local API is already running")
         if self._apply_environment:
-            self.runner.apply_template_environment()
+            self._applied_environment = self.runner.apply_template_environment()
         server = _LocalApiServer((self._host, self._requested_port))
         server.local_api = self
         self._server = server
@@ -624,6 +625,9 @@ class LocalApi:
         if thread is not None:
             thread.join()
         self._server = self._thread = None
+        for name in self._applied_environment:  # the process environment as it was before start()
+            os.environ.pop(name, None)
+        self._applied_environment = []
 
     def __enter__(self) -> Self:
         return self.start()

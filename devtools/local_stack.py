@@ -178,17 +178,19 @@ class LocalStack:
         )
 
     def stop(self) -> None:
-        self.api.stop()
-        self.stand_in.stop()
-        if self._ssm_server is not None:
-            self._ssm_server.stop()
-            self._ssm_server = None
+        # Settings first: the API then drops the template defaults it set, and the
+        # environment is as it was before start().
         for name, value in self._saved_environment.items():
             if value is None:
                 self._environ.pop(name, None)
             else:
                 self._environ[name] = value
         self._saved_environment.clear()
+        self.api.stop()
+        self.stand_in.stop()
+        if self._ssm_server is not None:
+            self._ssm_server.stop()
+            self._ssm_server = None
 
     def __enter__(self) -> Self:
         return self.start()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,10 +362,20 @@ def test_each_function_loads_its_own_app_module(api: LocalApi) -> None:
 
 
 def test_template_literal_environment_is_applied_and_intrinsics_are_not(api: LocalApi) -> None:
-    import os
-
     assert os.environ["LOCAL_API_TEST_FROM_TEMPLATE"] == "from-template"
     assert "LOCAL_API_TEST_INTRINSIC" not in os.environ
+
+
+def test_stop_removes_the_template_environment_it_set(template_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(template_path.parent / "layer"))
+    monkeypatch.setenv("LOCAL_API_TEST_FROM_TEMPLATE", "")
+    monkeypatch.delenv("LOCAL_API_TEST_FROM_TEMPLATE")
+
+    with LocalApi(template_path, port=0, log=lambda line: None):
+        during = os.environ.get("LOCAL_API_TEST_FROM_TEMPLATE")
+
+    assert during == "from-template"
+    assert "LOCAL_API_TEST_FROM_TEMPLATE" not in os.environ
 
 
 def test_direct_invoke_runs_any_function_with_its_own_context(api: LocalApi) -> None:
