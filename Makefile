@@ -29,6 +29,9 @@ demo:
 	@echo "make demo: the end-to-end demo is not built yet." >&2
 	@exit 1
 
+invoke: venv
+	scripts/with-services.sh $(PY) scripts/invoke.py
+
 sam-validate:
 	scripts/sam.sh validate
 

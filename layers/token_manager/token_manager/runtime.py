@@ -40,7 +40,6 @@ __all__ = [
     "get_store",
     "load_current_key_ring",
     "persist_key_ring",
-    "read_ssm_uncached",
     "reset_for_tests",
 ]
 
@@ -146,7 +145,7 @@ def _wire_manager(settings: Settings, cipher: TokenCipher, store: TokenStore) ->
 
     def reload_key_ring() -> KeyRing:
         # A row under a key id this container does not know: another container rotated the ring.
-        return _parse_key_ring(load_key_ring_json(settings, fetch_ssm=read_ssm_uncached), settings)
+        return _parse_key_ring(load_key_ring_json(settings), settings)
 
     return SonosTokenManager(
         store=store,
@@ -180,7 +179,7 @@ def load_current_key_ring() -> KeyRing:
             "the environment and would shadow the rotated ring."
         )
     return _build(
-        "key ring", lambda: _parse_key_ring(load_key_ring_json(settings, fetch_ssm=read_ssm_uncached), settings)
+        "key ring", lambda: _parse_key_ring(load_key_ring_json(settings), settings)
     )
 
 
@@ -198,23 +197,6 @@ def persist_key_ring(ring: KeyRing) -> None:
         logger.error("could not write the rotated key ring", extra={"parameter": name, "error": type(exc).__name__})
         raise ConfigurationError(f"Could not write the key ring to SSM {name} ({type(exc).__name__}).") from None
     logger.info("key ring written", extra={"parameter": name, "active_key_id": ring.active_key_id})
-
-
-def read_ssm_uncached(names: list[str], max_age: int) -> dict[str, str]:
-    """Read parameters straight from SSM (decrypted), never from Powertools' cache.
-
-    ``get_parameters_by_name(max_age=0)`` still answers from the cache a batched read
-    filled (Powertools 3.x checks only the stored expiry there), so a ring rotated a
-    minute ago would come back as the old one; ``force_fetch`` really asks SSM.
-    """
-    from aws_lambda_powertools.utilities.parameters import get_parameter
-
-    values: dict[str, str] = {}
-    for name in names:
-        value = get_parameter(name, decrypt=True, force_fetch=True, max_age=max_age)
-        if isinstance(value, str):
-            values[name] = value
-    return values
 
 
 def _ssm_client() -> Any:

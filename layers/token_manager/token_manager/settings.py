@@ -84,6 +84,23 @@ def powertools_ssm_fetcher(names: list[str], max_age: int) -> Mapping[str, str]:
     return {name: value for name, value in found.items() if name != "_errors" and isinstance(value, str)}
 
 
+def powertools_ssm_fresh_fetcher(names: list[str], max_age: int) -> Mapping[str, str]:
+    """Read parameters straight from SSM (decrypted), never from Powertools' cache.
+
+    ``get_parameters_by_name(max_age=0)`` still answers from the cache a batched read
+    filled (Powertools 3.x checks only the stored expiry there), so a ring rotated a
+    minute ago would come back as the old one; ``force_fetch`` really asks SSM.
+    """
+    from aws_lambda_powertools.utilities.parameters import get_parameter
+
+    values: dict[str, str] = {}
+    for name in names:
+        value = get_parameter(name, decrypt=True, force_fetch=True, max_age=max_age)
+        if isinstance(value, str):
+            values[name] = value
+    return values
+
+
 def load_settings(
     environ: Mapping[str, str] | None = None, fetch_ssm: SsmFetcher = powertools_ssm_fetcher
 ) -> Settings:
@@ -166,7 +183,7 @@ def load_settings(
     )
 
 
-def load_key_ring_json(settings: Settings, fetch_ssm: SsmFetcher = powertools_ssm_fetcher) -> str:
+def load_key_ring_json(settings: Settings, fetch_ssm: SsmFetcher = powertools_ssm_fresh_fetcher) -> str:
     """The key ring as it is now (environment, else SSM bypassing the cache).
 
     Used when a row carries a key id this container does not know yet: another
