@@ -12,6 +12,7 @@ help:
 	@echo "make demo        run the whole service end to end on this machine (main job)"
 	@echo "make test        lint, type-check, template lint and the tests on real Redis + Postgres"
 	@echo "make invoke      run every sample event in events/ through its handler in-process"
+	@echo "make local-api   the service locally (Sonos stand-in + local API): open http://127.0.0.1:3000/"
 	@echo "make sam-validate / sam-build   SAM CLI checks (own tool venv)"
 
 $(VENV)/.requirements.sha256: $(REQS) scripts/bootstrap-venv.sh
@@ -20,14 +21,17 @@ $(VENV)/.requirements.sha256: $(REQS) scripts/bootstrap-venv.sh
 venv: $(VENV)/.requirements.sha256
 
 test: venv
+	scripts/ensure-chromium.sh
 	scripts/with-services.sh scripts/run-tests.sh
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/mypy && $(VENV)/bin/cfn-lint --non-zero-exit-code error template.yaml
 
 demo:
-	@echo "make demo: the end-to-end demo is not built yet." >&2
-	@exit 1
+	scripts/demo.sh
+
+local-api:
+	scripts/local-api.sh
 
 invoke: venv
 	scripts/with-services.sh $(PY) scripts/invoke.py
