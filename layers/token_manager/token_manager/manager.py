@@ -28,6 +28,7 @@ from token_manager.errors import (
     InvalidState,
     NotConnected,
     ReconnectRequired,
+    StorageUnavailable,
     TokenDecryptionError,
     TokenServiceError,
     UpstreamUnavailable,
@@ -522,21 +523,29 @@ class SonosTokenManager:
         return changed
 
     def revoke_token(self, user_id: str, household_id: str | None = None) -> RevokeResult:
-        """Best-effort provider revocation, then delete the row, cache and lock. Idempotent."""
+        """Drop the cached token, revoke at the provider (best effort), delete the row and lock. Idempotent.
+
+        All or nothing for the caller: when Redis cannot drop the cached token, nothing else
+        happens and the answer is ``storage_unavailable``, so the caller retries. Deleting the
+        row anyway would leave the token in a Redis that is only unreachable (a partition, a
+        failover), to be served again to a user who disconnected, once it answers.
+        """
         user_id = _require_id("userId", user_id)
         if household_id is not None:
             household_id = _require_id("householdId", household_id)
         grant = self._store.get(user_id)
-        provider_revoked = False
         if grant is not None:
             _check_household(grant, household_id)
-            if grant.refresh_token_encrypted is not None:
-                try:
-                    provider_revoked = self._sonos.revoke(self._decrypt(grant, "refresh_token"))
-                except TokenServiceError:
-                    logger.warning("provider revocation skipped: token unreadable", extra={"user_id": user_id})
+        if not self._cache.block_token(user_id):
+            logger.warning("revoke refused: the cached token could not be dropped", extra={"user_id": user_id})
+            raise StorageUnavailable()
+        provider_revoked = False
+        if grant is not None and grant.refresh_token_encrypted is not None:
+            try:
+                provider_revoked = self._sonos.revoke(self._decrypt(grant, "refresh_token"))
+            except TokenServiceError:
+                logger.warning("provider revocation skipped: token unreadable", extra={"user_id": user_id})
         deleted = self._store.delete(user_id)
-        self._cache.block_token(user_id)
         self._cache.delete_lock(user_id)
         if deleted:
             self._metrics.add("GrantRevoked")
