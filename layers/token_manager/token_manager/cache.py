@@ -177,6 +177,14 @@ class RedisCache:
         except self._failures as exc:
             raise self._storage_unavailable("oauth state write", exc) from None
 
+    def peek_state(self, state: str) -> OAuthState | None:
+        """The state's value, left in place; ``None`` when unknown, expired or already consumed."""
+        try:
+            raw = self._client.get(state_key(state))
+        except self._failures as exc:
+            raise self._storage_unavailable("oauth state read", exc) from None
+        return None if raw is None else self._decode_state(raw)
+
     def consume_state(self, state: str) -> OAuthState | None:
         """The state's value, exactly once; ``None`` when unknown, expired or already consumed.
 
@@ -187,8 +195,9 @@ class RedisCache:
             raw = self._consume_state_script(keys=[state_key(state), outcome_key(state)], args=[STATE_TTL_SECONDS])
         except self._failures as exc:
             raise self._storage_unavailable("oauth state consume", exc) from None
-        if raw is None:
-            return None
+        return None if raw is None else self._decode_state(raw)
+
+    def _decode_state(self, raw: Any) -> OAuthState | None:
         fields = _decode_object(raw)
         user_id = fields.get("user_id") if fields else None
         redirect_uri = fields.get("redirect_uri") if fields else None

@@ -210,6 +210,12 @@ class SonosTokenManager:
         if not code or not isinstance(code, str) or len(code) > MAX_CODE_LENGTH:
             raise InvalidRequest("The callback has no authorization code.")
 
+        waiting = self._cache.peek_state(state)
+        if waiting is not None:
+            # The grant must have somewhere to go before the state is consumed and the code
+            # spent: with the store down the browser gets storage_unavailable, and reloading
+            # the page once the store is back completes the link with the same code.
+            self._store.get(waiting.user_id)
         pending = self._cache.consume_state(state)
         if pending is None:
             return self._answer_repeated_callback(state)
