@@ -136,6 +136,7 @@ def _wire_manager(settings: Settings, cipher: TokenCipher, store: TokenStore) ->
             control_base_url=settings.control_base_url,
             scope=settings.scope,
             revoke_url=settings.revoke_url,
+            read_timeout=settings.sonos_http_timeout_seconds,
         ),
         sleep=_built.sleep,
     )

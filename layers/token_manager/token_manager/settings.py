@@ -7,6 +7,7 @@ Bad or missing configuration raises one ``ConfigurationError`` naming the settin
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,11 @@ from token_manager.errors import ConfigurationError
 ENVIRONMENTS = ("dev", "staging", "prod")
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]", "::1"})
 DEFAULT_SSM_MAX_AGE_SECONDS = 300
+# Per attempt: three attempts of a hanging Sonos (plus connects and backoff) must end well
+# inside the API functions' 25 s timeout, so the caller gets upstream_unavailable, not a
+# killed invocation.
+DEFAULT_SONOS_HTTP_TIMEOUT_SECONDS = 4.0
+MAX_SONOS_HTTP_TIMEOUT_SECONDS = 60.0
 
 # setting -> (environment variable, SSM name under /storytailor-{env}/, secret?)
 SSM_BACKED: dict[str, tuple[str, str | None]] = {
@@ -58,6 +64,7 @@ class Settings:
     ssm_max_age_seconds: int = DEFAULT_SSM_MAX_AGE_SECONDS
     refresher_concurrency: int = 16
     refresher_period_seconds: int = 300
+    sonos_http_timeout_seconds: float = DEFAULT_SONOS_HTTP_TIMEOUT_SECONDS
 
     @property
     def default_redirect_uri(self) -> str:
@@ -180,6 +187,12 @@ def load_settings(
         ssm_max_age_seconds=max_age,
         refresher_concurrency=_int_setting(env, "REFRESHER_CONCURRENCY", 16, minimum=1, maximum=256),
         refresher_period_seconds=_int_setting(env, "REFRESHER_PERIOD_SECONDS", 300, minimum=1, maximum=86_400),
+        sonos_http_timeout_seconds=_seconds_setting(
+            env,
+            "SONOS_HTTP_TIMEOUT_SECONDS",
+            DEFAULT_SONOS_HTTP_TIMEOUT_SECONDS,
+            maximum=MAX_SONOS_HTTP_TIMEOUT_SECONDS,
+        ),
     )
 
 
@@ -243,4 +256,15 @@ def _int_setting(
         raise ConfigurationError(f"{name} must be an integer.") from None
     if value < minimum or (maximum is not None and value > maximum):
         raise ConfigurationError(f"{name} must be between {minimum} and {maximum or 'unbounded'}.")
+    return value
+
+
+def _seconds_setting(env: Callable[[str, str], str], name: str, default: float, *, maximum: float) -> float:
+    raw = env(name, str(default))
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number of seconds.") from None
+    if not (math.isfinite(value) and 0 < value <= maximum):
+        raise ConfigurationError(f"{name} must be more than 0 and at most {maximum:g} seconds.")
     return value
