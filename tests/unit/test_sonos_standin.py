@@ -597,6 +597,28 @@ def test_latency_delays_the_answer_by_at_least_the_configured_seconds(sonos: Son
     assert sonos.counts()["token_refresh"] == 1
 
 
+def test_keep_alive_answers_do_not_stall_on_delayed_acks(make_sonos: Callable[..., SonosStandIn]) -> None:
+    # With Nagle on, each answer's body waited for the client's delayed ACK of its headers:
+    # about 40 ms per request on a reused connection, added to whatever latency was configured.
+    sonos = make_sonos(rotate_refresh_tokens=False)
+    linked = link(sonos)
+    requests_made = 10
+
+    with requests.Session() as session:
+        started = time.monotonic()
+        for _ in range(requests_made):
+            response = session.post(
+                f"{sonos.url}/login/v3/oauth/access",
+                data={"grant_type": "refresh_token", "refresh_token": linked["refresh_token"]},
+                auth=CLIENT_AUTH,
+                timeout=HTTP_TIMEOUT_SEC,
+            )
+            assert response.status_code == 200
+        elapsed = time.monotonic() - started
+
+    assert elapsed < requests_made * 0.04 / 2
+
+
 def test_c12_invalid_client_mode_rejects_even_the_right_credentials(sonos: SonosStandIn) -> None:
     linked = link(sonos)
     sonos.configure(invalid_client=True)
