@@ -322,9 +322,17 @@ def _parse_json_body(text: str) -> Any:
         raise json.JSONDecodeError("unparseable JSON", "", 0) from None
 
 
+# How API Gateway shapes a REST proxy event's parts; an event shaped otherwise did not
+# come from it, and is refused before the resolver trips over a header that is a list.
+_TEXT_MAPS: Final = ("headers", "queryStringParameters", "pathParameters", "stageVariables")
+_TEXT_LIST_MAPS: Final = ("multiValueHeaders", "multiValueQueryStringParameters")
+
+
 def _proxy_event_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
     if not isinstance(event.get("httpMethod"), str) or not isinstance(event.get("path"), str):
         return InvalidRequest("The API Gateway event has no method or path.")
+    if not _shaped_like_api_gateway(event):
+        return InvalidRequest("The API Gateway event is malformed.")
     body = event.get("body")
     if body is None or body == "":
         return None
@@ -338,6 +346,24 @@ def _proxy_event_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
     except (binascii.Error, ValueError):  # UnicodeError is a ValueError
         return InvalidRequest("The request body is not valid UTF-8 JSON.")
     return None
+
+
+def _shaped_like_api_gateway(event: Mapping[str, Any]) -> bool:
+    def text_map(value: object) -> bool:
+        return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
+
+    def text_list_map(value: object) -> bool:
+        return isinstance(value, Mapping) and all(
+            isinstance(k, str) and isinstance(v, list) and all(isinstance(item, str) for item in v)
+            for k, v in value.items()
+        )
+
+    return (
+        all(event.get(name) is None or text_map(event[name]) for name in _TEXT_MAPS)
+        and all(event.get(name) is None or text_list_map(event[name]) for name in _TEXT_LIST_MAPS)
+        and (event.get("requestContext") is None or isinstance(event["requestContext"], Mapping))
+        and event.get("isBase64Encoded") in (None, True, False)
+    )
 
 
 def _proxy_response(response: Response[str]) -> dict[str, Any]:
