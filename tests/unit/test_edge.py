@@ -354,10 +354,21 @@ def test_method_not_allowed_names_the_allowed_methods(api: ServiceApi) -> None:
     assert answer["multiValueHeaders"]["Allow"] == ["GET, POST"]
 
 
-def test_a_failure_outside_the_routes_still_answers_in_our_shape(api: ServiceApi) -> None:
+def test_a_failure_outside_the_routes_still_answers_in_our_shape(
+    api: ServiceApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def resolver_trips(*_: object) -> dict[str, Any]:
+        raise TypeError("the resolver tripped")  # Powertools failing on an event it cannot read
+
+    monkeypatch.setattr(api, "resolve", resolver_trips)
     event = api_event("GET", "/items", query={"userId": "u"})
-    event["multiValueQueryStringParameters"] = "not a mapping"  # Powertools itself trips over this
     assert refusal(api.answer(event, None)) == (500, "internal_error", "Internal error.")
+
+
+def test_an_event_part_of_the_wrong_type_is_refused_before_the_resolver(api: ServiceApi) -> None:
+    event = api_event("GET", "/items", query={"userId": "u"})
+    event["multiValueQueryStringParameters"] = "not a mapping"  # Powertools itself would trip over this
+    assert refusal(api.answer(event, None)) == (400, "invalid_request", "The API Gateway event is malformed.")
 
 
 # --------------------------------------------------------------------------- callback answers
