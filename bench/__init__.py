@@ -1,0 +1,1 @@
+"""`make bench`: the Sonos token service's performance figures against their targets (docs/benchmarks.md)."""
