@@ -29,8 +29,11 @@ def revoke_over_api(
     household_id: Annotated[str | None, Query(alias="householdId", min_length=1, max_length=MAX_ID_CHARS)] = None,
     body: Annotated[dict[str, Any] | None, Body()] = None,
 ) -> Response[str]:
-    # The ids come from the query string or a JSON body; the query wins where both have one.
+    # The ids come from the query string or a JSON body; the query wins where both have one,
+    # but a malformed id is refused wherever it is, not silently outvoted.
     query = {name: value for name, value in (("userId", user_id), ("householdId", household_id)) if value is not None}
+    if body:
+        RevokeRequest.model_validate({**query, **body})
     return edge.json_answer(revoke(RevokeRequest.model_validate({**(body or {}), **query})))
 
 

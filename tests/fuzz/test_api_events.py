@@ -13,7 +13,7 @@ from hypothesis import example, given
 from tests.support.answer_checks import check_api_answer, check_direct_answer
 from tests.support.fuzz_strategies import FUZZ, INPUT_MARKER, ONE_MEGABYTE, api_events, base64_bodies
 from tests.support.handlers import load_event
-from tests.support.service_world import ServiceWorld
+from tests.support.service_world import USER, ServiceWorld
 
 pytestmark = pytest.mark.integration
 
@@ -117,3 +117,30 @@ def test_an_event_part_of_the_wrong_type_is_invalid_request_not_internal_error(
         assert json.loads(answer["body"]) == {
             "error": {"code": "invalid_request", "message": "The API Gateway event is malformed."}
         }
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "named"),
+    [
+        pytest.param(
+            {"userId": USER, "householdId": "Sonos_1"},
+            {"householdId": "\u00d7\u00f8"},
+            "householdId",
+            id="body-household-outvoted",
+        ),
+        pytest.param({"userId": USER}, {"userId": "has space"}, "userId", id="body-user-outvoted"),
+        pytest.param(None, {"userId": "has space"}, "userId", id="body-user-alone"),
+    ],
+)
+def test_revoke_refuses_a_malformed_id_in_the_body_even_where_the_query_wins(
+    world: ServiceWorld, query: dict[str, str] | None, body: dict[str, str], named: str
+) -> None:
+    event = _with(SAMPLES["token_revoke"], body=json.dumps(body))
+    event["queryStringParameters"] = query
+    event["multiValueQueryStringParameters"] = None if query is None else {k: [v] for k, v in query.items()}
+    answer = world.invoke("token_revoke", event)
+    assert answer["statusCode"] == 400, answer
+    assert json.loads(answer["body"]) == {
+        "error": {"code": "invalid_request", "message": f"{named} must be printable ASCII without spaces."}
+    }
+    assert world.row() is not None  # nothing was revoked

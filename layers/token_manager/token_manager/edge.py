@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from token_manager.manager import AccessToken, AuthorizationRequest, RevokeResult
 
 __all__ = [
+    "ID_PATTERN",
     "JSON_HEADERS",
     "MAX_ID_CHARS",
     "MAX_URI_CHARS",
@@ -69,6 +70,8 @@ logger = logging.getLogger(__name__)
 
 MAX_ID_CHARS: Final = 256
 MAX_URI_CHARS: Final = 2048
+# Ids are printable ASCII without spaces (the manager holds the same rule; docs/openapi.yaml's Id).
+ID_PATTERN: Final = r"^[!-~]+$"
 JSON_CONTENT_TYPE: Final = "application/json"
 # Answers may carry an access token: no browser, proxy or CDN may keep a copy.
 JSON_HEADERS: Final[Mapping[str, str]] = {"Cache-Control": "no-store"}
@@ -90,9 +93,11 @@ class _Request(BaseModel):
 class FetchRequest(_Request):
     """``{"userId", "householdId"?, "correlationId"?}``"""
 
-    user_id: Annotated[str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS)]
+    user_id: Annotated[
+        str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+    ]
     household_id: Annotated[
-        str | None, Field(alias="householdId", strict=True, min_length=1, max_length=MAX_ID_CHARS)
+        str | None, Field(alias="householdId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
     ] = None
     correlation_id: Annotated[str | None, Field(alias="correlationId", strict=True, max_length=MAX_ID_CHARS)] = None
 
@@ -100,16 +105,20 @@ class FetchRequest(_Request):
 class RevokeRequest(_Request):
     """``{"userId", "householdId"?}``"""
 
-    user_id: Annotated[str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS)]
+    user_id: Annotated[
+        str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+    ]
     household_id: Annotated[
-        str | None, Field(alias="householdId", strict=True, min_length=1, max_length=MAX_ID_CHARS)
+        str | None, Field(alias="householdId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
     ] = None
 
 
 class InitiateRequest(_Request):
     """``{"userId", "redirectUri"?}``"""
 
-    user_id: Annotated[str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS)]
+    user_id: Annotated[
+        str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+    ]
     redirect_uri: Annotated[
         str | None, Field(alias="redirectUri", strict=True, min_length=1, max_length=MAX_URI_CHARS)
     ] = None
@@ -205,6 +214,8 @@ def _describe_problem(error: Mapping[str, Any]) -> str:
         return f"{field} must be a string."
     if kind == "string_too_short":
         return f"{field} must not be empty."
+    if kind == "string_pattern_mismatch":
+        return f"{field} must be printable ASCII without spaces."
     if kind == "string_too_long" and isinstance(limits.get("max_length"), int):
         return f"{field} must be at most {limits['max_length']} characters."
     if kind == "model_attributes_type":
