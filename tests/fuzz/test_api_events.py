@@ -144,3 +144,37 @@ def test_revoke_refuses_a_malformed_id_in_the_body_even_where_the_query_wins(
         "error": {"code": "invalid_request", "message": f"{named} must be printable ASCII without spaces."}
     }
     assert world.row() is not None  # nothing was revoked
+
+
+@pytest.mark.parametrize(
+    ("function", "content_type", "body", "message"),
+    [
+        pytest.param("oauth_initiate", "multipart/form-data", None, "must be JSON", id="multipart-no-boundary"),
+        pytest.param("token_revoke", "multipart/form-data", None, "must be JSON", id="revoke-multipart-no-body"),
+        pytest.param(
+            "token_revoke",
+            "multipart/form-data; boundary=x",
+            '--x\r\nContent-Disposition: form-data; name="userId"\r\n\r\nu\r\n--x--',
+            "must be JSON",
+            id="revoke-multipart",
+        ),
+        pytest.param("oauth_initiate", "application/x-www-form-urlencoded", "userId=u", "must be JSON", id="form"),
+        pytest.param("token_revoke", "application/json", "[null, null]", "must be a JSON object", id="array-of-nulls"),
+        pytest.param("token_revoke", "application/json", "null", "must be a JSON object", id="json-null"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_is_refused_and_changes_nothing(
+    world: ServiceWorld, function: str, content_type: str, body: str | None, message: str
+) -> None:
+    event = _with(
+        SAMPLES[function],
+        headers={"Content-Type": content_type},
+        multiValueHeaders={"Content-Type": [content_type]},
+        body=body,
+    )
+    answer = world.invoke(function, event)  # the revoke sample names the fuzz world's user in its query
+    assert answer["statusCode"] == 400, answer
+    error = json.loads(answer["body"])["error"]
+    assert error["code"] == "invalid_request"
+    assert message in error["message"]
+    assert world.row() is not None

@@ -127,7 +127,15 @@ def _bodies() -> st.SearchStrategy[Any]:
 
 def _headers() -> st.SearchStrategy[Any]:
     content_types = st.sampled_from(
-        ["application/json", "text/plain", "application/x-www-form-urlencoded", "application/json; charset=latin-1", ""]
+        [
+            "application/json",
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data",
+            "multipart/form-data; boundary=x",
+            "application/json; charset=latin-1",
+            "",
+        ]
     )
     known = st.sampled_from(["Content-Type", "content-type", "Accept", "X-Forwarded-For", "Host"])
     names = known | st.text(max_size=10)

@@ -337,6 +337,8 @@ def _parse_json_body(text: str) -> Any:
 # come from it, and is refused before the resolver trips over a header that is a list.
 _TEXT_MAPS: Final = ("headers", "queryStringParameters", "pathParameters", "stageVariables")
 _TEXT_LIST_MAPS: Final = ("multiValueHeaders", "multiValueQueryStringParameters")
+# Media types Powertools parses into fields whenever they are declared, body or not.
+_PARSED_EVEN_WITHOUT_BODY: Final = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
 
 
 def _proxy_event_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
@@ -344,19 +346,44 @@ def _proxy_event_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
         return InvalidRequest("The API Gateway event has no method or path.")
     if not _shaped_like_api_gateway(event):
         return InvalidRequest("The API Gateway event is malformed.")
+    return _body_problem(event)
+
+
+def _body_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
+    """Bodies are JSON objects, declared as JSON or not declared at all.
+
+    Powertools would otherwise parse a form or multipart body into fields (a multipart
+    type without a boundary failed as a bug), and reads some non-object JSON as no body.
+    """
     body = event.get("body")
+    for content_type in _declared_content_types(event):
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type and media_type != JSON_CONTENT_TYPE and (body or media_type in _PARSED_EVEN_WITHOUT_BODY):
+            return InvalidRequest("The request body must be JSON (Content-Type: application/json).")
     if body is None or body == "":
         return None
     if not isinstance(body, str):
         return InvalidRequest("The request body is not text.")
     try:
-        if event.get("isBase64Encoded"):
-            base64.b64decode(body, validate=True).decode("utf-8")
-        else:
-            body.encode("utf-8")  # lone surrogates cannot be UTF-8
+        text = base64.b64decode(body, validate=True).decode("utf-8") if event.get("isBase64Encoded") else body
+        text.encode("utf-8")  # lone surrogates cannot be UTF-8
     except (binascii.Error, ValueError):  # UnicodeError is a ValueError
         return InvalidRequest("The request body is not valid UTF-8 JSON.")
+    try:
+        parsed = _parse_json_body(text)
+    except json.JSONDecodeError:
+        return None  # the resolver answers it, naming the problem
+    if not isinstance(parsed, dict):
+        return InvalidRequest("The request body must be a JSON object.")
     return None
+
+
+def _declared_content_types(event: Mapping[str, Any]) -> list[str]:
+    found = [value for name, value in (event.get("headers") or {}).items() if name.lower() == "content-type"]
+    for name, values in (event.get("multiValueHeaders") or {}).items():
+        if name.lower() == "content-type":
+            found.extend(values)
+    return found
 
 
 def _shaped_like_api_gateway(event: Mapping[str, Any]) -> bool:
