@@ -34,7 +34,7 @@ ROUND_TIMEOUT_SEC = 60.0
 class Round:
     token_requests: int
     slowest_wait_ms: float  # beyond the stand-in's latency
-    failed_callers: int
+    failures: tuple[str, ...]  # the error each failed caller got
 
 
 def run(services: BenchServices, *, runs: int) -> list[Row]:
@@ -85,7 +85,7 @@ def run(services: BenchServices, *, runs: int) -> list[Row]:
                     Round(
                         token_requests=services.stand_in.counts()["token_refresh"] - before,
                         slowest_wait_ms=max(wait for _, wait in answers) * 1000 - STANDIN_LATENCY_SEC * 1000,
-                        failed_callers=sum(1 for status, _ in answers if status != "ok"),
+                        failures=tuple(status for status, _ in answers if status != "ok"),
                     )
                 )
     finally:
@@ -131,8 +131,13 @@ def run(services: BenchServices, *, runs: int) -> list[Row]:
 
 
 def _failures_note(rounds: list[Round]) -> str:
-    failed = sum(r.failed_callers for r in rounds)
-    return f"{failed} of {CALLERS * len(rounds)} callers failed over {len(rounds)} runs"
+    failures = [error for r in rounds for error in r.failures]
+    note = f"{len(failures)} of {CALLERS * len(rounds)} callers failed over {len(rounds)} runs"
+    if failures:
+        spoiled = sum(1 for r in rounds if r.failures)
+        kinds = ", ".join(sorted(set(failures)))
+        note += f": {kinds}, in {spoiled} run{'s' if spoiled != 1 else ''}"
+    return note
 
 
 def _seed_stale_grant(services: BenchServices, refresh_token: str) -> None:
