@@ -10,9 +10,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped,unused-ignore]
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped,unused-ignore]
 from openapi_spec_validator import validate as validate_openapi
 
 from devtools.local_api import DEFAULT_TEMPLATE, ServiceDefinition
@@ -56,7 +56,7 @@ def test_its_paths_and_methods_are_the_template_api_routes() -> None:
 def test_each_route_documents_the_template_authorizer() -> None:
     for route in ServiceDefinition.from_template(DEFAULT_TEMPLATE).routes:
         security = operations()[(route.method, route.path)]["security"]
-        expected = [{"sigv4": []}] if route.authorizer == "AWS_IAM" else []
+        expected: list[dict[str, list[str]]] = [{"sigv4": []}] if route.authorizer == "AWS_IAM" else []
         assert (route.method, route.path, security) == (route.method, route.path, expected)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import schemathesis
-import yaml
+import yaml  # type: ignore[import-untyped,unused-ignore]
 from hypothesis import HealthCheck, settings
 from schemathesis.config import SchemathesisConfig
 

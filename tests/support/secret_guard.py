@@ -21,7 +21,8 @@ Searched for them:
 - every answer of a handler (``token_manager.edge.serve`` / ``answer_direct``), headers
   and ``Location`` included. The one field allowed to carry a secret is a successful
   fetch's ``accessToken``: that is the service's job;
-- every URL requested with ``requests`` and every ``Location`` header it got back;
+- every URL requested with ``requests`` and every ``Location`` header it got back (the
+  ``code`` of a callback URL excepted: OAuth puts it there, and a test may play the browser);
 - whatever the test hands to :meth:`SecretGuard.seen` (responses, URLs, exceptions with
   their causes).
 
@@ -41,7 +42,7 @@ import threading
 import traceback
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit, urlunsplit
 
 import pytest
 import requests
@@ -62,6 +63,7 @@ KEY_RING_ENVIRONMENT_VARIABLE = "TOKEN_ENCRYPTION_KEYS"
 # Form fields and JSON fields of OAuth traffic that carry a secret.
 SECRET_FORM_FIELDS = ("code", "refresh_token", "client_secret", "token", "access_token")
 SECRET_JSON_FIELDS = ("access_token", "refresh_token", "id_token")
+OAUTH_CALLBACK_PATH = "/sonos/oauth/callback"
 
 _REPORTS = pytest.StashKey[dict[str, pytest.TestReport]]()
 
@@ -155,12 +157,12 @@ class SecretGuard:
 
         def recording(session: requests.Session, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:
             self._harvest_request(request)
-            self._output("a requested URL", str(request.url))
+            self._output("a requested URL", _without_callback_code(str(request.url)))
             response = original(session, request, **kwargs)
             self._harvest_response(response)
             location = response.headers.get("Location")
             if location:
-                self._output("a redirect Location", location)
+                self._output("a redirect Location", _without_callback_code(location))
             return response
 
         return recording
@@ -196,6 +198,16 @@ class SecretGuard:
                 value = body.get(name)
                 if isinstance(value, str):
                     self.add(value)
+
+
+def _without_callback_code(url: str) -> str:
+    """The URL minus the one secret OAuth puts in a URL by design: the code Sonos sends the
+    browser back to our callback with (a test acting as that browser requests it)."""
+    parts = urlsplit(url)
+    if not parts.path.endswith(OAUTH_CALLBACK_PATH):
+        return url
+    query = [(name, value) for name, value in parse_qsl(parts.query, keep_blank_values=True) if name != "code"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def without_fetched_token(answer: Any) -> Any:
