@@ -8,6 +8,7 @@ Run inside scripts/with-services.sh (REDIS_URL, DATABASE_URL):
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown sections: {', '.join(unknown)} (choose from {', '.join(SECTIONS)})")
     started = time.monotonic()
+    # Other work on the machine moves every figure: the load before and after goes with the table.
+    progress("load average at start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     rows: list[Row] = []
     services = start_services()
     try:
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         services.stand_in.stop()
     sys.stdout.write(render_table(rows, markdown=args.markdown) + "\n")
     sys.stdout.flush()
+    progress("load average at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     progress(f"total {time.monotonic() - started:.0f} s")
     return 0
 
