@@ -1,12 +1,12 @@
 """The store fails the write right after Sonos answered a refresh.
 
-What the service does: the caller gets storage_unavailable, and the row keeps the old
-tokens, still active. When Sonos did not rotate the refresh token, nothing is lost: the
-next fetch refreshes again. When Sonos rotated it, the new refresh token existed only in
-that invocation's memory; the stored one is dead at Sonos, so the next refresh is
-rejected and the grant ends in reconnect_required (one reconnect event). Nothing in the
-service can make the old token valid again; what could be done better is not losing the
-new one (see the report of issue 7).
+The caller gets storage_unavailable and the row keeps the old tokens, still active. When
+Sonos did not rotate the refresh token nothing is lost: the next fetch refreshes again.
+When it did, the new refresh token is the only live one, so the service keeps that
+refresh's result (ciphertexts only) in Redis and the next refresh writes it instead of
+sending Sonos the dead one. Only when Redis fails at the same moment is it lost: then the
+next refresh is rejected and the grant ends in reconnect_required (one reconnect event),
+which nothing in the service can undo.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
 from tests.support.secret_guard import SecretGuard
+from tests.support.service_control import ServiceControl
 from tests.support.service_world import (
     ServiceWorld,
     assert_api_error,
@@ -25,6 +27,7 @@ from tests.support.service_world import (
     service_world,
     standin_config,
 )
+from tests.support.tcp_proxy import TcpProxy
 from token_manager.errors import StorageUnavailable
 from token_manager.models import StoredGrant, TokenUpdate
 from token_manager.store.base import TokenStore
@@ -103,13 +106,54 @@ def test_without_rotation_the_next_fetch_refreshes_again_and_nothing_is_lost(non
     assert world.stand_in.counts()["token_refresh"] == 2
 
 
-def test_with_rotation_the_lost_refresh_token_ends_the_grant_in_reconnect_required(world: ServiceWorld) -> None:
+def test_with_rotation_the_next_fetch_writes_the_kept_refresh_and_the_grant_lives(world: ServiceWorld) -> None:
     world.link()
     world.expire_in(-1)
     _fail_next_token_writes(world)
     assert_direct_error(world.fetch(), "storage_unavailable")
 
     answer = world.fetch()
+
+    assert world.stand_in.counts()["token_refresh"] == 1  # written from Redis, Sonos not asked again
+    access, _ = world.tokens_of()
+    assert answer["accessToken"] == access
+    row = world.row()
+    assert row is not None
+    assert row["token_status"] == "active"
+    # The stored refresh token is the one Sonos rotated to: the next refresh works.
+    world.expire_in(-1)
+    again = world.fetch()
+    assert again["accessToken"] != access
+    assert world.stand_in.counts()["token_refresh"] == 2
+
+
+def test_a_kept_refresh_from_an_older_row_is_dropped(world: ServiceWorld) -> None:
+    world.link()
+    world.expire_in(-1)
+    _fail_next_token_writes(world)
+    assert_direct_error(world.fetch(), "storage_unavailable")
+    relinked = world.link()  # the user links again: the kept refresh belongs to the old grant
+    world.expire_in(-1)
+
+    answer = world.fetch()
+
+    assert answer["accessToken"] != relinked.access_token
+    assert world.stand_in.counts()["token_refresh"] == 2  # a real refresh from the new grant
+    assert redis.Redis.from_url(world.redis_url).keys("sonos:refresh-unstored:*") == []
+
+
+def test_with_rotation_and_redis_failing_too_the_lost_refresh_token_ends_the_grant(
+    world: ServiceWorld, services: ServiceControl
+) -> None:
+    world.link()
+    world.expire_in(-1)
+    with TcpProxy(services.handles.redis_port) as proxy:
+        world.use_redis_at(proxy.port)
+        _fail_next_token_writes(world)
+        with proxy.partitioned():
+            assert_direct_error(world.fetch(), "storage_unavailable")  # no lock, no kept refresh
+
+        answer = world.fetch()
 
     # Sonos rotated the refresh token on the first refresh; the stored one is dead.
     assert_direct_error(answer, "reconnect_required")

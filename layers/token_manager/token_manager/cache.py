@@ -110,6 +110,10 @@ def lock_key(user_id: str) -> str:
     return f"sonos:lock:refresh:{user_id}"
 
 
+def unstored_refresh_key(user_id: str) -> str:
+    return f"sonos:refresh-unstored:{user_id}"
+
+
 class RedisCache:
     """The service's Redis keys behind one object.
 
@@ -279,14 +283,15 @@ class RedisCache:
         return True
 
     def block_token(self, user_id: str) -> bool:
-        """Drop the cached token and refuse fills for the longest cache TTL (revoke, expiry).
+        """Drop the cached token (and any unstored refresh) and refuse fills for the longest
+        cache TTL (revoke, expiry).
 
         ``False`` when Redis failed (the caller logs); never raises.
         """
         try:
             pipe = self._client.pipeline(transaction=True)
             pipe.set(blocked_key(user_id), "1", ex=MAX_TOKEN_CACHE_TTL_SECONDS)
-            pipe.delete(token_key(user_id))
+            pipe.delete(token_key(user_id), unstored_refresh_key(user_id))
             pipe.execute()
         except self._failures as exc:
             self._failure_log.report("token cache block", type(exc).__name__)
@@ -294,13 +299,44 @@ class RedisCache:
         return True
 
     def unblock_token(self, user_id: str) -> bool:
-        """Allow fills again (a new link) and drop any cached token of the old grant."""
+        """Allow fills again (a new link) and drop what the old grant left: its cached token and
+        any refresh of it the store could not take."""
         try:
-            self._client.delete(blocked_key(user_id), token_key(user_id))
+            self._client.delete(blocked_key(user_id), token_key(user_id), unstored_refresh_key(user_id))
         except self._failures as exc:
             self._failure_log.report("token cache unblock", type(exc).__name__)
             return False
         return True
+
+    # --- a refresh the store could not take -----------------------------------
+
+    def keep_unstored_refresh(self, user_id: str, record: str, ttl_seconds: int) -> bool:
+        """Keep a refresh's result (ciphertexts only) that the store failed to write.
+
+        ``False`` when Redis failed too (logged); never raises.
+        """
+        try:
+            self._client.set(unstored_refresh_key(user_id), record, ex=max(1, ttl_seconds))
+        except self._failures as exc:
+            self._failure_log.report("unstored refresh write", type(exc).__name__)
+            return False
+        return True
+
+    def unstored_refresh(self, user_id: str) -> str | None:
+        """The kept result, or ``None`` (also when Redis fails: logged)."""
+        try:
+            raw = self._client.get(unstored_refresh_key(user_id))
+        except self._failures as exc:
+            self._failure_log.report("unstored refresh read", type(exc).__name__)
+            return None
+        return None if raw is None else _text(raw)
+
+    def forget_unstored_refresh(self, user_id: str) -> None:
+        """Drop the kept result (written, or outdated). Never raises; a failure is logged."""
+        try:
+            self._client.delete(unstored_refresh_key(user_id))
+        except self._failures as exc:
+            self._failure_log.report("unstored refresh delete", type(exc).__name__)
 
     # --- single-flight refresh lock ------------------------------------------
 

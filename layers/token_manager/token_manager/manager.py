@@ -58,6 +58,9 @@ LOCK_WAIT_SECONDS = 10.0
 LOCK_POLL_SECONDS = 0.025
 CALLBACK_WAIT_SECONDS = 8.0
 CALLBACK_POLL_SECONDS = 0.1
+# How long a refresh the store could not take is kept for the next refresh to write: the
+# refresher runs every few minutes, so once the store is back it is written within one run.
+UNSTORED_REFRESH_TTL_SECONDS = 86_400
 
 _ID_PATTERN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces or control characters
 _STATE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -193,9 +196,7 @@ class SonosTokenManager:
         logger.info("oauth flow initiated", extra={"user_id": user_id})
         return AuthorizationRequest(authorization_url=url, state=state, expires_in=STATE_TTL_SECONDS)
 
-    def handle_oauth_callback(
-        self, code: str | None, state: str | None, error: str | None = None
-    ) -> LinkResult:
+    def handle_oauth_callback(self, code: str | None, state: str | None, error: str | None = None) -> LinkResult:
         """Complete the flow: one code exchange per state, households, encrypted storage.
 
         A repeated callback for a state already consumed (double click, API Gateway
@@ -436,6 +437,11 @@ class SonosTokenManager:
     def _refresh_holding_lock(self, grant: StoredGrant, due_before: datetime) -> _Refreshed:
         # Re-read under the lock: whoever held it before us may already have refreshed.
         current = self._active_grant(grant.user_id)
+        written = self._write_unstored_refresh(current)
+        if written is not None:
+            current = written
+            if self.refresh_point(current) > due_before:
+                return _Refreshed(self._to_access_token(current), refreshed=True)
         if current.expires_at is not None and self.refresh_point(current) > due_before:
             return _Refreshed(self._to_access_token(current), refreshed=False)
         refresh_token = self._decrypt(current, "refresh_token")
@@ -465,7 +471,13 @@ class SonosTokenManager:
             last_refreshed_at=now,
         )
         # Persisted before anything else: a rotated refresh token must never live only in memory.
-        stored = self._store.update_tokens(user_id, grant.version, update)
+        try:
+            stored = self._store.update_tokens(user_id, grant.version, update)
+        except StorageUnavailable:
+            if tokens.refresh_token:
+                # Sonos rotated the refresh token, and the old one may be dead already.
+                self._keep_unstored_refresh(grant, update)
+            raise
         if stored is None:
             # Lost the race: revoked meanwhile (write nothing back) or refreshed by another container.
             self._metrics.add("RefreshLostRace")
@@ -487,6 +499,50 @@ class SonosTokenManager:
         )
         self._fill_cache(stored, token)
         return _Refreshed(token, refreshed=True)
+
+    def _keep_unstored_refresh(self, grant: StoredGrant, update: TokenUpdate) -> None:
+        """Keep a refresh the store could not take in Redis (ciphertexts only), so the next
+        refresh writes it instead of sending Sonos a refresh token Sonos already replaced."""
+        record = json.dumps(
+            {
+                "basedOnVersion": grant.version,
+                "accessTokenEncrypted": update.access_token_encrypted,
+                "refreshTokenEncrypted": update.refresh_token_encrypted,
+                "encryptionKeyId": update.encryption_key_id,
+                "expiresAt": update.expires_at.isoformat(),
+                "scope": update.scope,
+                "lastRefreshedAt": update.last_refreshed_at.isoformat() if update.last_refreshed_at else None,
+            },
+            separators=(",", ":"),
+        )
+        kept = self._cache.keep_unstored_refresh(grant.user_id, record, UNSTORED_REFRESH_TTL_SECONDS)
+        logger.error(
+            "refreshed tokens could not be stored",
+            extra={"user_id": grant.user_id, "kept_for_the_next_refresh": kept},
+        )
+
+    def _write_unstored_refresh(self, current: StoredGrant) -> StoredGrant | None:
+        """Write a kept refresh if it was made from the row as it still is; the written row.
+
+        A kept refresh made from another version is outdated (the row moved on: written after
+        all, refreshed again, re-linked) and is dropped. A store still down raises
+        StorageUnavailable and the kept refresh waits for the next try.
+        """
+        raw = self._cache.unstored_refresh(current.user_id)
+        if raw is None:
+            return None
+        kept = _unstored_update(raw)
+        if kept is None or kept[0] != current.version:
+            self._cache.forget_unstored_refresh(current.user_id)
+            return None
+        stored = self._store.update_tokens(current.user_id, current.version, kept[1])
+        self._cache.forget_unstored_refresh(current.user_id)
+        if stored is None:
+            return None
+        self._metrics.add("UnstoredRefreshWritten")
+        logger.warning("refreshed tokens kept after a store failure are now stored", extra={"user_id": current.user_id})
+        self._fill_cache(stored, self._to_access_token(stored))
+        return stored
 
     def _on_grant_rejected(self, grant: StoredGrant, error_code: str) -> AccessToken:
         # Rule 5: if another container refreshed while we failed, its token is the answer.
@@ -653,6 +709,23 @@ class _TransientFailure(Exception):
     def __init__(self, grant: StoredGrant) -> None:
         super().__init__("transient refresh failure")
         self.grant = grant
+
+
+def _unstored_update(raw: str) -> tuple[int, TokenUpdate] | None:
+    """The (version it was made from, update) of a kept refresh; ``None`` when unreadable."""
+    try:
+        fields = json.loads(raw)
+        last_refreshed_at = fields["lastRefreshedAt"]
+        return int(fields["basedOnVersion"]), TokenUpdate(
+            access_token_encrypted=str(fields["accessTokenEncrypted"]),
+            refresh_token_encrypted=str(fields["refreshTokenEncrypted"]),
+            encryption_key_id=str(fields["encryptionKeyId"]),
+            expires_at=datetime.fromisoformat(fields["expiresAt"]),
+            scope=fields["scope"] if isinstance(fields["scope"], str) else None,
+            last_refreshed_at=datetime.fromisoformat(last_refreshed_at) if last_refreshed_at else None,
+        )
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _was_refreshed_since(before: StoredGrant, after: StoredGrant) -> bool:
