@@ -28,6 +28,7 @@ from token_manager.cache import (
     OAuthState,
     RedisCache,
     StateOutcome,
+    blocked_key,
 )
 from token_manager.errors import StorageUnavailable
 
@@ -576,7 +577,7 @@ def test_blocked_user_refuses_fills_until_unblocked(cache: RedisCache, server: r
     assert cache.get_token(USER) is None
     cache.set_token(USER, TOKEN_BLOB, 300)  # a fill that raced with revoke or expiry
     assert cache.get_token(USER) is None
-    assert 3590 < server.ttl(f"sonos:token:blocked:{USER}") <= 3600
+    assert 3590 < server.ttl(blocked_key(USER)) <= 3600
     assert cache.unblock_token(USER) is True
     cache.set_token(USER, TOKEN_BLOB, 300)
     assert cache.get_token(USER) == TOKEN_BLOB

@@ -103,7 +103,9 @@ def token_key(user_id: str) -> str:
 
 
 def blocked_key(user_id: str) -> str:
-    return f"sonos:token:blocked:{user_id}"
+    # Not under "sonos:token:": user ids may hold ':', and "sonos:token:blocked:alice" was
+    # also the cached token of a user named "blocked:alice".
+    return f"sonos:token-blocked:{user_id}"
 
 
 def lock_key(user_id: str) -> str:
