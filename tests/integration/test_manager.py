@@ -663,3 +663,59 @@ def test_cache_fill_racing_a_revoke_does_not_bring_the_token_back(
     env.link(rsps, access="access-MARKER-again", refresh="refresh-MARKER-again")  # a new link allows fills again
     assert manager.get_token("user-1").access_token == "access-MARKER-again"
     assert env.redis().exists("sonos:token:user-1")
+
+
+def test_without_the_lock_a_refusal_caused_by_a_concurrent_rotation_does_not_expire_the_grant(
+    env: ManagerEnv, rsps: responses.RequestsMock
+) -> None:
+    # Redis is down, so both containers refresh. Sonos rotates the refresh token for the
+    # winner and refuses the loser's (just replaced) one; the loser reads the row before the
+    # winner's write lands. Expiring the grant then would make the winner's write lose.
+    from token_manager.store.postgres import PostgresTokenStore
+
+    env.link(rsps)
+    age_to(env, 60)
+    loser_refused = threading.Event()
+    loser_read_after_refusal = threading.Event()
+
+    def sonos(n: int) -> tuple[int, dict[str, object]]:
+        if n == 0:
+            return 200, env.token_json("access-MARKER-winner", "refresh-MARKER-winner")
+        loser_refused.set()
+        return 400, {"error": "invalid_grant"}
+
+    class LoserStore(PostgresTokenStore):
+        def get(self, user_id: str):  # type: ignore[no-untyped-def]
+            row = super().get(user_id)
+            if loser_refused.is_set():
+                loser_read_after_refusal.set()
+            return row
+
+    class WinnerStore(PostgresTokenStore):
+        def update_tokens(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            loser_read_after_refusal.wait(5)
+            threading.Event().wait(0.03)  # the loser has acted on what it read by now
+            return super().update_tokens(*args, **kwargs)
+
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=json_callback(sonos))
+    down = RedisCache.from_url("redis://127.0.0.1:1/0")
+    real_sleep = lambda s: threading.Event().wait(s)  # noqa: E731
+    winner = env.manager(cache=down, store=WinnerStore(env.database_url), sleep=real_sleep)
+    loser = env.manager(cache=down, store=LoserStore(env.database_url), sleep=real_sleep)
+    results: dict[str, object] = {}
+
+    def fetch(name: str, manager) -> None:  # type: ignore[no-untyped-def]
+        try:
+            results[name] = manager.get_token("user-1").access_token
+        except Exception as exc:
+            results[name] = exc
+
+    winner_thread = threading.Thread(target=fetch, args=("winner", winner))
+    winner_thread.start()
+    while not token_calls(rsps):  # the winner's refresh is at Sonos first
+        threading.Event().wait(0.005)
+    fetch("loser", loser)
+    winner_thread.join()
+    assert results == {"winner": "access-MARKER-winner", "loser": "access-MARKER-winner"}
+    assert stored(env).token_status is TokenStatus.ACTIVE
+    assert env.notifier.events == []

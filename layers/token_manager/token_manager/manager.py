@@ -58,6 +58,10 @@ LOCK_WAIT_SECONDS = 10.0
 LOCK_POLL_SECONDS = 0.025
 CALLBACK_WAIT_SECONDS = 8.0
 CALLBACK_POLL_SECONDS = 0.1
+# Without the lock (Redis down) a refresh refused as invalid may only mean another container
+# just rotated the refresh token; its write follows its Sonos answer within milliseconds.
+UNLOCKED_REJECTION_GRACE_SECONDS = 1.0
+UNLOCKED_REJECTION_POLL_SECONDS = 0.1
 # How long a refresh the store could not take is kept for the next refresh to write: the
 # refresher runs every few minutes, so once the store is back it is written within one run.
 UNSTORED_REFRESH_TTL_SECONDS = 86_400
@@ -390,7 +394,7 @@ class SonosTokenManager:
                     )
             if not busy:
                 try:
-                    return self._refresh_holding_lock(grant, due_before or self._now())
+                    return self._refresh_holding_lock(grant, due_before or self._now(), exclusive=owner is not None)
                 except _TransientFailure as failure:
                     if not wait_for_lock:
                         raise
@@ -434,7 +438,7 @@ class SonosTokenManager:
             return self._to_access_token(grant)
         raise UpstreamUnavailable()
 
-    def _refresh_holding_lock(self, grant: StoredGrant, due_before: datetime) -> _Refreshed:
+    def _refresh_holding_lock(self, grant: StoredGrant, due_before: datetime, *, exclusive: bool) -> _Refreshed:
         # Re-read under the lock: whoever held it before us may already have refreshed.
         current = self._active_grant(grant.user_id)
         written = self._write_unstored_refresh(current)
@@ -448,7 +452,7 @@ class SonosTokenManager:
         try:
             tokens = self._sonos.refresh(refresh_token)
         except SonosGrantRejected as exc:
-            return _Refreshed(self._on_grant_rejected(current, exc.error_code), refreshed=False)
+            return _Refreshed(self._on_grant_rejected(current, exc.error_code, exclusive=exclusive), refreshed=False)
         except SonosClientRejected:
             self._metrics.add("RefreshFailedConfiguration")
             logger.error("sonos rejected our client credentials", extra={"user_id": current.user_id})
@@ -544,9 +548,17 @@ class SonosTokenManager:
         self._fill_cache(stored, self._to_access_token(stored))
         return stored
 
-    def _on_grant_rejected(self, grant: StoredGrant, error_code: str) -> AccessToken:
+    def _on_grant_rejected(self, grant: StoredGrant, error_code: str, *, exclusive: bool) -> AccessToken:
         # Rule 5: if another container refreshed while we failed, its token is the answer.
         current = self._store.get(grant.user_id)
+        if not exclusive:
+            # No lock: Sonos may have refused a refresh token that a concurrent refresh had just
+            # rotated, and that refresh's write may not have landed yet. Expiring now would make
+            # its write lose and throw a working grant away, so give it a moment first.
+            deadline = self._monotonic() + UNLOCKED_REJECTION_GRACE_SECONDS
+            while current is not None and not _was_refreshed_since(grant, current) and self._monotonic() < deadline:
+                self._sleep(UNLOCKED_REJECTION_POLL_SECONDS)
+                current = self._store.get(grant.user_id)
         if current is None:
             raise NotConnected()
         if current.token_status is TokenStatus.ACTIVE and _was_refreshed_since(grant, current):
