@@ -34,6 +34,7 @@ free_port() {
 
 workdir=""
 redis_pid=""
+redis_port=""
 pg_started=""
 
 as_pg() {
@@ -43,8 +44,10 @@ as_pg() {
 cleanup() {
   set +e
   if [ -n "$redis_pid" ]; then
+    # The fault tests may have restarted Redis on the same port under another PID.
+    redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1
     kill "$redis_pid" 2>/dev/null
-    wait "$redis_pid" 2>/dev/null
+    for _ in $(seq 40); do kill -0 "$redis_pid" 2>/dev/null || break; sleep 0.05; done
   fi
   if [ -n "$pg_started" ]; then
     as_pg "$PG_BIN/pg_ctl" -D "$workdir/pg/data" -m immediate stop >/dev/null 2>&1
@@ -65,6 +68,8 @@ redis_port=$(free_port)
 redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no \
   --dir "$workdir" --logfile "$workdir/redis.log" &
 redis_pid=$!
+# Not a job of this shell: the fault tests kill it on purpose, which bash would report.
+disown "$redis_pid"
 for _ in $(seq 100); do
   redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break
   sleep 0.05

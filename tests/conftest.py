@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+# Every test is scanned for secrets in its logs, output, answers and requested URLs.
+pytest_plugins = ["tests.support.secret_guard"]
+
 ROOT = Path(__file__).resolve().parent.parent
 MIGRATIONS = sorted((ROOT / "supabase" / "migrations").glob("*.sql"))
 SUPABASE_ROLES_SQL = ROOT / "tests" / "sql" / "supabase_roles.sql"

@@ -79,6 +79,7 @@ SETTINGS_ENV_VARS = {
     "SSM_PARAMETER_MAX_AGE_SECONDS",
     "REFRESHER_CONCURRENCY",
     "REFRESHER_PERIOD_SECONDS",
+    "SONOS_HTTP_TIMEOUT_SECONDS",
 }
 # Read from SSM at cold start in a deployed stack: the template must not carry a value.
 SECRET_OR_SSM_ENV_VARS = {
