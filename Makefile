@@ -4,7 +4,7 @@ SHELL := /bin/bash
 
 VENV := .venv
 PY := $(VENV)/bin/python
-REQS := layers/token_manager/requirements.txt requirements-dev.txt
+REQS := layers/token_manager/requirements.txt layers/postgres_driver/requirements.txt requirements-dev.txt
 
 .PHONY: help demo test venv lint invoke local-api bench sam-build sam-validate clean
 
@@ -13,6 +13,7 @@ help:
 	@echo "make test        lint, type-check, template lint and the tests on real Redis + Postgres"
 	@echo "make invoke      run every sample event in events/ through its handler in-process"
 	@echo "make local-api   the service locally (Sonos stand-in + local API): open http://127.0.0.1:3000/"
+	@echo "make bench       performance figures against their targets, one table (docs/benchmarks.md)"
 	@echo "make sam-validate / sam-build   SAM CLI checks (own tool venv)"
 
 $(VENV)/.requirements.sha256: $(REQS) scripts/bootstrap-venv.sh
@@ -32,6 +33,9 @@ demo:
 
 local-api:
 	scripts/local-api.sh
+
+bench: venv
+	scripts/with-services.sh scripts/bench.sh
 
 invoke: venv
 	scripts/with-services.sh $(PY) scripts/invoke.py

@@ -5,7 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv="$root/.venv"
-reqs=("$root/layers/token_manager/requirements.txt" "$root/requirements-dev.txt")
+reqs=("$root/layers/token_manager/requirements.txt" "$root/layers/postgres_driver/requirements.txt" "$root/requirements-dev.txt")
 stamp="$venv/.requirements.sha256"
 want=$(cat "${reqs[@]}" | sha256sum | cut -d' ' -f1)
 
@@ -32,7 +32,7 @@ echo "venv: creating $venv with $("$py" -V)"
 rm -rf "$venv"
 "$py" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-if ! "$venv/bin/pip" install -q -r "${reqs[0]}" -r "${reqs[1]}" >"$venv/pip.log" 2>&1; then
+if ! "$venv/bin/pip" install -q "${reqs[@]/#/-r}" >"$venv/pip.log" 2>&1; then
   grep -v "is ignored: it is neither" "$venv/pip.log" >&2
   echo "venv: pip install failed" >&2
   exit 1

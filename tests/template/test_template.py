@@ -88,7 +88,6 @@ SECRET_OR_SSM_ENV_VARS = {
     "TOKEN_ENCRYPTION_KEYS",
     "SUPABASE_URL",
     "SUPABASE_SERVICE_ROLE_KEY",
-    "DATABASE_URL",
 }
 
 
@@ -298,7 +297,10 @@ def test_every_function_runs_python313_with_the_layer_and_active_tracing() -> No
     settings = global_function_settings()
     assert settings["Runtime"] == "python3.13"
     assert settings["Tracing"] == "Active"
-    assert settings["Layers"] == [{"Ref": "TokenManagerLayer"}]
+    assert settings["Layers"] == [
+        {"Ref": "TokenManagerLayer"},
+        {"Fn::If": ["UseDirectPostgres", {"Ref": "PostgresDriverLayer"}, {"Ref": "AWS::NoValue"}]},
+    ]
     for logical_id in FUNCTIONS:
         properties = function_properties(logical_id)
         for overridden in ("Runtime", "Tracing", "Layers"):
@@ -510,6 +512,20 @@ def test_secrets_default_to_empty_so_they_come_from_ssm() -> None:
     assert redis["Default"] == ""
     assert redis["NoEcho"] is True
     assert "rediss://" in redis["Description"]
+    database = template()["Parameters"][variables["DATABASE_URL"]["Ref"]]
+    assert (database["Default"], database["NoEcho"]) == ("", True)
+
+
+def test_the_postgres_driver_ships_only_with_a_direct_database_url() -> None:
+    # psycopg is 10.8 MB: Supabase deployments (the default) do not carry it.
+    layer = resources()["PostgresDriverLayer"]
+    assert layer["Condition"] == "UseDirectPostgres"
+    assert layer["Properties"]["ContentUri"] == "layers/postgres_driver/"
+    assert template()["Conditions"]["UseDirectPostgres"] == {"Fn::Not": [{"Fn::Equals": [{"Ref": "DatabaseUrl"}, ""]}]}
+    lines = (ROOT / "layers" / "token_manager" / "requirements.txt").read_text().splitlines()
+    packages = {line.split("==")[0].split("[")[0].strip() for line in lines if line.strip() and line[0] != "#"}
+    assert "postgrest" in packages
+    assert not packages & {"psycopg", "psycopg-binary", "supabase"}
 
 
 def test_operational_settings_have_their_documented_defaults() -> None:

@@ -86,3 +86,17 @@ def test_the_postgres_path_loads_neither_httpx_nor_postgrest_until_used() -> Non
         f"store_from_settings(database_url={DATABASE_URL!r}, supabase_url=None, supabase_service_role_key=None)"
     )
     assert not {"psycopg", "httpx", "postgrest"} & loaded
+
+
+def test_database_url_without_the_postgres_driver_layer_is_a_clear_configuration_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import token_manager.store as store_module
+
+    monkeypatch.setattr(store_module, "postgres_driver_available", lambda: False)
+    with pytest.raises(ConfigurationError, match="DatabaseUrl parameter") as caught:
+        store_module.store_from_settings(
+            database_url="postgresql://u:pw-MARKER@db.internal/x", supabase_url=None, supabase_service_role_key=None
+        )
+    assert "pw-MARKER" not in str(caught.value)
+    assert "db.internal" not in str(caught.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from token_manager.errors import ConfigurationError
 from token_manager.store.base import TokenStore
 
@@ -25,6 +27,11 @@ def store_from_settings(
     supabase_service_role_key = (supabase_service_role_key or "").strip()
 
     if database_url:
+        if not postgres_driver_available():
+            raise ConfigurationError(
+                "DATABASE_URL is set but psycopg is missing: deploy with the DatabaseUrl parameter "
+                "(it attaches the Postgres driver layer) or use SUPABASE_URL."
+            )
         from token_manager.store.postgres import PostgresTokenStore
 
         return PostgresTokenStore(database_url)
@@ -39,3 +46,8 @@ def store_from_settings(
     raise ConfigurationError(
         "No token storage is configured: set SUPABASE_URL and SUPABASE_SERVICE_ROLE_KEY, or DATABASE_URL."
     )
+
+
+def postgres_driver_available() -> bool:
+    """Whether psycopg can be imported (it ships in its own layer), without importing it."""
+    return importlib.util.find_spec("psycopg") is not None
