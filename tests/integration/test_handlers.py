@@ -28,6 +28,7 @@ from aws_lambda_powertools.metrics.provider.cold_start import reset_cold_start_f
 from botocore.exceptions import EndpointConnectionError
 from moto import mock_aws
 
+from tests.support.answer_checks import ERROR_STATUS
 from tests.support.handlers import (
     LambdaContextStub,
     captured_service_logs,
@@ -64,19 +65,7 @@ SUCCESS_URL = "https://app.example.test/sonos/linked"
 FAILURE_URL = "https://app.example.test/sonos/failed?from=sonos"
 SSM_PREFIX = "/storytailor-dev/"
 
-ERROR_CODES_AND_STATUSES = {
-    "invalid_request": 400,
-    "invalid_redirect_uri": 400,
-    "invalid_state": 400,
-    "access_denied": 400,
-    "not_connected": 404,
-    "household_not_linked": 404,
-    "reconnect_required": 409,
-    "upstream_unavailable": 503,
-    "storage_unavailable": 503,
-    "configuration_error": 500,
-    "internal_error": 500,
-}
+ERROR_CODES_AND_STATUSES = {**ERROR_STATUS, "internal_error": 500}
 
 # setting's environment variable -> SSM name under /storytailor-dev/
 SSM_NAMES = {

@@ -23,6 +23,7 @@ import redis
 from psycopg.rows import dict_row
 
 from devtools.sonos_standin import SonosStandIn, StandInConfig
+from tests.support.answer_checks import ERROR_STATUS
 from tests.support.handlers import LambdaContextStub, captured_service_logs, load_event, load_handler
 from tests.support.secret_guard import SecretGuard, without_fetched_token
 from token_manager import runtime
@@ -33,18 +34,6 @@ CLIENT_SECRET = "client-secret-MARKER-faults-3c9d"
 REDIRECT_URI = "http://127.0.0.1:3000/sonos/oauth/callback"  # what the sample API events ask for
 USER = "7c9e6679-7425-40de-944b-e07fc1f90ae7"  # the user every sample event names
 
-ERROR_STATUS = {
-    "invalid_request": 400,
-    "invalid_redirect_uri": 400,
-    "invalid_state": 400,
-    "access_denied": 400,
-    "not_connected": 404,
-    "household_not_linked": 404,
-    "reconnect_required": 409,
-    "upstream_unavailable": 503,
-    "storage_unavailable": 503,
-    "configuration_error": 500,
-}
 
 # Columns that hold the grant itself; a fault may bump the bookkeeping (version, failure
 # count, timestamps) but must never change these unless the test says so.
