@@ -662,12 +662,12 @@ class LocalApi:
             self._log(f"{request.method} {path} -> 405 (the template allows {', '.join(methods)})")
             return error_response(
                 405,
-                "invalid_request",
+                "method_not_allowed",
                 f"{request.method} is not allowed on {path}; use {', '.join(methods)}.",
                 ("Allow", ", ".join(methods)),
             )
         self._log(f"{request.method} {path} -> 404 (no route in the template)")
-        return error_response(404, "invalid_request", f"No route for {request.method} {path}.")
+        return error_response(404, "not_found", f"No route for {request.method} {path}.")
 
     def _call_route(self, request: HttpRequest, route: Route, path_parameters: Mapping[str, str]) -> HttpResponse:
         path = urlsplit(request.target).path

@@ -13,6 +13,13 @@ if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want"
   exit 0
 fi
 
+# Two runs at once (make test beside make demo) must not rebuild the venv under each other.
+exec 9>"$root/.venv.lock"
+flock 9
+if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0  # the other run built it while we waited
+fi
+
 # shellcheck source=scripts/python313.sh
 source "$root/scripts/python313.sh"
 
@@ -28,7 +35,7 @@ find_python() {
 }
 
 py=$(find_python)
-echo "venv: creating $venv with $("$py" -V)"
+echo "venv: creating $venv with $("$py" -V) (first run only, about 30 s)"
 rm -rf "$venv"
 "$py" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true

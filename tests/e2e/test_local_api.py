@@ -317,7 +317,7 @@ def test_unknown_route_answers_404_in_the_service_error_shape(api: LocalApi) -> 
     response = requests.get(api.url + "/nowhere", timeout=10)
 
     assert response.status_code == 404
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["code"] == "not_found"
     assert "/nowhere" in response.json()["error"]["message"]
 
 
@@ -326,7 +326,7 @@ def test_known_path_with_another_method_answers_405_with_allow(api: LocalApi) ->
 
     assert response.status_code == 405
     assert response.headers["Allow"] == "GET"
-    assert response.json()["error"]["code"] == "invalid_request"
+    assert response.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_crashing_handler_is_a_502_and_its_message_stays_out_of_the_log(api: LocalApi, log_lines: list[str]) -> None:
