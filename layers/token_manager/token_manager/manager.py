@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from token_manager.cache import STATE_TTL_SECONDS, CacheUnavailable, OAuthState, RedisCache, StateOutcome
 from token_manager.crypto import KeyRing, TokenCipher
@@ -35,16 +35,18 @@ from token_manager.errors import (
 )
 from token_manager.models import NewGrant, StoredGrant, TokenStatus, TokenUpdate
 from token_manager.notifications import ReconnectNotifier
-from token_manager.provider import (
-    SonosClient,
+from token_manager.provider_errors import (
     SonosClientRejected,
     SonosError,
     SonosGrantRejected,
     SonosInvalidResponse,
     SonosUnavailable,
-    TokenResponse,
 )
 from token_manager.store.base import TokenStore
+
+if TYPE_CHECKING:
+    # The client imports requests: only a call that needs Sonos builds one (see runtime).
+    from token_manager.provider import SonosClient, TokenResponse
 
 logger = logging.getLogger(__name__)
 

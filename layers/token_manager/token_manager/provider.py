@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, ClassVar, Final
+from typing import Annotated, Final
 from urllib.parse import quote, urlencode
 
 import pydantic
@@ -21,6 +21,35 @@ from urllib3.util.retry import Retry
 
 from token_manager._backoff import full_jitter_delay, retry_after_seconds
 from token_manager.errors import ConfigurationError
+from token_manager.provider_errors import (
+    SonosClientRejected,
+    SonosError,
+    SonosGrantRejected,
+    SonosInvalidResponse,
+    SonosUnavailable,
+    sanitize_error_code,
+)
+
+# The SonosError family lives in provider_errors (importable without requests), re-exported here.
+__all__ = [
+    "AUTHORIZE_PATH",
+    "HOUSEHOLDS_PATH",
+    "MAX_EXPIRES_IN_SECONDS",
+    "TOKEN_PATH",
+    "Operation",
+    "Outcome",
+    "SonosClient",
+    "SonosClientConfig",
+    "SonosClientRejected",
+    "SonosError",
+    "SonosGrantRejected",
+    "SonosInvalidResponse",
+    "SonosUnavailable",
+    "TokenResponse",
+    "classify",
+    "provider_error_code",
+    "sanitize_error_code",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +61,6 @@ HOUSEHOLDS_PATH: Final = "/households"
 # adding it to "now" can overflow datetime arithmetic downstream.
 MAX_EXPIRES_IN_SECONDS: Final = 10 * 365 * 24 * 3600
 
-_ERROR_CODE = re.compile(r"[a-z0-9_]{1,64}")
 _EXPIRES_IN_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
@@ -141,62 +169,6 @@ class TokenResponse(pydantic.BaseModel):
     scope: Annotated[str | None, pydantic.BeforeValidator(_optional_text)] = None
 
 
-# --------------------------------------------------------------------------- errors
-
-
-class SonosError(Exception):
-    """A Sonos call failed. Messages name the operation, status and error code, never a token,
-    the client secret or a response body."""
-
-    retryable: ClassVar[bool] = False
-    default_message: ClassVar[str] = "The Sonos call failed."
-
-    def __init__(self, message: str | None = None, *, operation: str | None = None, status: int | None = None) -> None:
-        self.message = message or self.default_message
-        self.operation = operation
-        self.status = status
-        super().__init__(self.message)
-
-
-class SonosUnavailable(SonosError):
-    """Transient (timeout, connection error, 429, 5xx) and still failing after every attempt.
-    The grant is fine; try again later."""
-
-    retryable = True
-    default_message = "Sonos is unavailable."
-
-
-class SonosGrantRejected(SonosError):
-    """Sonos refuses this user's grant (or authorization code): the user must connect again."""
-
-    default_message = "Sonos rejected the grant."
-
-    def __init__(
-        self,
-        error_code: str = "unknown",
-        message: str | None = None,
-        *,
-        operation: str | None = None,
-        status: int | None = None,
-    ) -> None:
-        self.error_code = sanitize_error_code(error_code) or "unknown"
-        super().__init__(
-            message or f"Sonos rejected the grant ({self.error_code}).", operation=operation, status=status
-        )
-
-
-class SonosClientRejected(SonosError):
-    """Sonos refuses our client (wrong id/secret, wrong URL): our configuration, not the user's grant."""
-
-    default_message = "Sonos rejected this service's client configuration."
-
-
-class SonosInvalidResponse(SonosError):
-    """Sonos answered 2xx with something we cannot use (no expiry, no token, not JSON, no households)."""
-
-    default_message = "Sonos answered with an unusable response."
-
-
 # --------------------------------------------------------------------------- classification
 
 
@@ -223,17 +195,6 @@ _TRANSPORT_TRANSIENT: Final = (
     requests.ConnectionError,
     requests.exceptions.ChunkedEncodingError,
 )
-
-
-def sanitize_error_code(raw: object) -> str | None:
-    """A provider error code fit for logs and storage (``[a-z0-9_]``, at most 64), else ``None``.
-
-    Apigee-style codes (``steps.oauth.v2.invalid_client``) keep their last segment.
-    """
-    if not isinstance(raw, str):
-        return None
-    candidate = raw.strip().rsplit(".", 1)[-1].lower()
-    return candidate if _ERROR_CODE.fullmatch(candidate) else None
 
 
 def provider_error_code(response: requests.Response) -> str | None:

@@ -8,7 +8,9 @@ had built, so the next invocation starts again (SSM back, parameter fixed) inste
 the container staying broken until it is recycled.
 
 Heavy libraries (redis, requests, psycopg, postgrest, boto3) are imported inside the
-builders: key rotation, for one, never loads the Redis client or the Sonos client.
+builders: key rotation, for one, never loads the Redis client or the Sonos client. The
+Sonos client waits for the first call that needs Sonos, so a fetch answered from the
+cache never imports ``requests``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from token_manager.errors import ConfigurationError, KeyRingError, TokenServiceError
 from token_manager.settings import Settings, load_key_ring_json, load_settings
@@ -29,6 +31,7 @@ from token_manager.settings import Settings, load_key_ring_json, load_settings
 if TYPE_CHECKING:
     from token_manager.crypto import KeyRing, TokenCipher
     from token_manager.manager import SonosTokenManager
+    from token_manager.provider import SonosClient
     from token_manager.store.base import TokenStore
 
 __all__ = [
@@ -126,20 +129,25 @@ def _wire_manager(settings: Settings, cipher: TokenCipher, store: TokenStore) ->
     from token_manager.manager import SonosTokenManager
     from token_manager.notifications import EventBridgeNotifier, NullNotifier, ReconnectNotifier
     from token_manager.observability import counters
-    from token_manager.provider import SonosClient, SonosClientConfig
 
-    sonos = SonosClient(
-        SonosClientConfig(
-            client_id=settings.client_id,
-            client_secret=settings.client_secret,
-            auth_base_url=settings.auth_base_url,
-            control_base_url=settings.control_base_url,
-            scope=settings.scope,
-            revoke_url=settings.revoke_url,
-            read_timeout=settings.sonos_http_timeout_seconds,
-        ),
-        sleep=_built.sleep,
-    )
+    sleep = _built.sleep
+
+    def sonos_client() -> SonosClient:
+        from token_manager.provider import SonosClient, SonosClientConfig
+
+        return SonosClient(
+            SonosClientConfig(
+                client_id=settings.client_id,
+                client_secret=settings.client_secret,
+                auth_base_url=settings.auth_base_url,
+                control_base_url=settings.control_base_url,
+                scope=settings.scope,
+                revoke_url=settings.revoke_url,
+                read_timeout=settings.sonos_http_timeout_seconds,
+            ),
+            sleep=sleep,
+        )
+
     notifier: ReconnectNotifier = (
         EventBridgeNotifier(settings.event_bus_name) if settings.event_bus_name else NullNotifier()
     )
@@ -152,14 +160,59 @@ def _wire_manager(settings: Settings, cipher: TokenCipher, store: TokenStore) ->
         store=store,
         cache=RedisCache.from_url(settings.redis_url),
         cipher=cipher,
-        sonos=sonos,
+        sonos=cast("SonosClient", _SonosClientOnFirstCall(sonos_client)),
         notifier=notifier,
         redirect_uris=settings.redirect_uris,
         refresh_ahead_seconds=settings.refresh_ahead_seconds,
         reload_key_ring=reload_key_ring,
         metrics=counters,
-        sleep=_built.sleep,
+        sleep=sleep,
     )
+
+
+class _SonosClientOnFirstCall:
+    """The container's Sonos client, built by the first call that needs Sonos.
+
+    Building it imports ``requests`` (tens of ms at cold start): a fetch answered from
+    the cache and a refresher run with nothing due never call Sonos, so they never pay
+    for it. Every attribute is the real client's; a failed build is retried next call.
+    """
+
+    def __init__(self, make: Callable[[], SonosClient]) -> None:
+        self._make = make
+        self._client: SonosClient | None = None
+        self._lock = threading.Lock()  # the refresher calls Sonos from a pool
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # only the client's public calls are passed on
+            raise AttributeError(name)
+        return getattr(self._built(), name)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._client!r})"
+
+    def close(self) -> None:
+        """Close the client if one was built (closing never builds one)."""
+        if self._client is not None:
+            self._client.close()
+
+    def _built(self) -> SonosClient:
+        client = self._client
+        if client is None:
+            with self._lock:
+                client = self._client
+                if client is None:
+                    client = self._client = self._make_reporting_configuration()
+        return client
+
+    def _make_reporting_configuration(self) -> SonosClient:
+        try:
+            return self._make()
+        except TokenServiceError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported by class only, as every build failure
+            logger.error("could not build the service", extra={"part": "Sonos client", "error": type(exc).__name__})
+            raise ConfigurationError(f"Could not build the Sonos client ({type(exc).__name__}).") from None
 
 
 # --------------------------------------------------------------------------- key rotation
@@ -179,9 +232,7 @@ def load_current_key_ring() -> KeyRing:
             f"Key rotation needs the key ring in SSM {settings.ssm_name('key_ring')}: {KEY_RING_ENV} is set in "
             "the environment and would shadow the rotated ring."
         )
-    return _build(
-        "key ring", lambda: _parse_key_ring(load_key_ring_json(settings), settings)
-    )
+    return _build("key ring", lambda: _parse_key_ring(load_key_ring_json(settings), settings))
 
 
 def persist_key_ring(ring: KeyRing) -> None:
