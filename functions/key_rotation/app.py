@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Any
 
 from token_manager import edge, runtime
 from token_manager.key_rotation import run_key_rotation
 from token_manager.observability import lambda_entry, span
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 
 def rotate_key(_: Mapping[str, Any]) -> dict[str, Any]:

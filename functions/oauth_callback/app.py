@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
-
-from aws_lambda_powertools.event_handler import Response
-from aws_lambda_powertools.event_handler.openapi.params import Query
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Annotated, Any
 
 from token_manager import edge, link_pages, runtime
 from token_manager.errors import TokenServiceError
 from token_manager.link_pages import LinkUrls
 from token_manager.observability import lambda_entry, span
+
+if TYPE_CHECKING:
+    # Powertools' resolver is loaded by the first API event only (edge.ApiRoutes).
+    from aws_lambda_powertools.event_handler import Response
+    from aws_lambda_powertools.event_handler.openapi.params import Query
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 
 def link_urls() -> LinkUrls:
@@ -27,7 +29,7 @@ def refuse_in_browser(error: TokenServiceError) -> Response[str]:
     return link_pages.link_failed(error, link_urls())
 
 
-api = edge.ServiceApi(refuse=refuse_in_browser)
+api = edge.ApiRoutes(refuse=refuse_in_browser)
 
 
 @api.get("/sonos/oauth/callback")

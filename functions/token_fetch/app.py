@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Annotated, Any
-
-from aws_lambda_powertools.event_handler import Response
-from aws_lambda_powertools.event_handler.openapi.params import Query
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Annotated, Any
 
 from token_manager import edge, runtime
 from token_manager.edge import MAX_ID_CHARS, FetchRequest
 from token_manager.observability import lambda_entry, record_latency_ms, span
 
-api = edge.ServiceApi()
+if TYPE_CHECKING:
+    # Powertools' resolver is loaded by the first API event only (edge.ApiRoutes).
+    from aws_lambda_powertools.event_handler import Response
+    from aws_lambda_powertools.event_handler.openapi.params import Query
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+api = edge.ApiRoutes()
 
 
 def fetch(request: FetchRequest) -> dict[str, Any]:

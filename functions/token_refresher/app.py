@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
-
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Any
 
 from token_manager import edge, runtime
 from token_manager.observability import lambda_entry, span
 from token_manager.refresher import run_refresher
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.utilities.typing import LambdaContext
 
 
 def refresh_due_grants(context: LambdaContext) -> dict[str, Any]:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Any
-
-from aws_lambda_powertools.event_handler import Response
-from aws_lambda_powertools.event_handler.openapi.params import Body, Query
-from aws_lambda_powertools.utilities.typing import LambdaContext
+from typing import TYPE_CHECKING, Annotated, Any
 
 from token_manager import edge, runtime
 from token_manager.edge import MAX_ID_CHARS, RevokeRequest
 from token_manager.observability import lambda_entry, span
 
-api = edge.ServiceApi()
+if TYPE_CHECKING:
+    # Powertools' resolver is loaded by the first API event only (edge.ApiRoutes).
+    from aws_lambda_powertools.event_handler import Response
+    from aws_lambda_powertools.event_handler.openapi.params import Body, Query
+    from aws_lambda_powertools.utilities.typing import LambdaContext
+
+api = edge.ApiRoutes()
 
 
 def revoke(request: RevokeRequest) -> dict[str, Any]:

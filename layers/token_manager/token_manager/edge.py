@@ -3,9 +3,12 @@
 Two ways in, one error taxonomy (DESIGN.md section 3):
 
 - API Gateway REST proxy events go through :class:`ServiceApi` (Powertools'
-  ``APIGatewayRestResolver`` with validation): status + ``{"error": {"code", "message"}}``.
+  ``APIGatewayRestResolver`` with validation, in :mod:`token_manager.api_resolver`):
+  status + ``{"error": {"code", "message"}}``. Handlers declare their routes on
+  :class:`ApiRoutes`, which loads the resolver only when the first API event arrives.
 - The router's direct payloads go through :func:`answer_direct`:
-  ``{"error": {"code", "message", "status"}}``.
+  ``{"error": {"code", "message", "status"}}``. Nothing on this way imports
+  Powertools' event handler.
 
 Whatever goes wrong, the caller gets one of the taxonomy's answers (an unexpected bug is
 ``internal_error`` 500): never a stack trace, an input value, a secret or a hostname.
@@ -13,23 +16,17 @@ Whatever goes wrong, the caller gets one of the taxonomy's answers (an unexpecte
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import re
+import sys
+import threading
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Annotated, Any, Final
+from typing import TYPE_CHECKING, Annotated, Any, Final, Protocol, TypeVar
 
 import pydantic
-from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
-from aws_lambda_powertools.event_handler.exceptions import NotFoundError
-from aws_lambda_powertools.event_handler.openapi.exceptions import (
-    RequestUnsupportedContentType,
-    RequestValidationError,
-)
 from pydantic import BaseModel, ConfigDict, Field
 
 from token_manager.errors import (
@@ -42,13 +39,19 @@ from token_manager.errors import (
 from token_manager.observability import count_error
 
 if TYPE_CHECKING:
+    from aws_lambda_powertools.event_handler import Response
+
+    from token_manager.api_resolver import ServiceApi, json_answer, json_refusal
     from token_manager.manager import AccessToken, AuthorizationRequest, RevokeResult
 
 __all__ = [
     "ID_PATTERN",
+    "JSON_CONTENT_TYPE",
     "JSON_HEADERS",
     "MAX_ID_CHARS",
     "MAX_URI_CHARS",
+    "AnswersApiEvents",
+    "ApiRoutes",
     "FetchRequest",
     "InitiateRequest",
     "RevokeRequest",
@@ -61,6 +64,7 @@ __all__ = [
     "iso_utc",
     "json_answer",
     "json_refusal",
+    "refuse",
     "revoke_answer",
     "serve",
     "service_error_for",
@@ -79,6 +83,12 @@ JSON_HEADERS: Final[Mapping[str, str]] = {"Cache-Control": "no-store"}
 # Field names in validation messages come from our models; anything else is not echoed.
 _FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _MAX_PROBLEMS_NAMED = 3
+# Where the resolver's validation failures are defined; loaded only with the resolver.
+_POWERTOOLS_VALIDATION: Final = "aws_lambda_powertools.event_handler.openapi.exceptions"
+# Names served by token_manager.api_resolver, imported on first use (see __getattr__).
+_RESOLVER_NAMES: Final = frozenset({"ServiceApi", "json_answer", "json_refusal"})
+
+RouteT = TypeVar("RouteT", bound=Callable[..., Any])
 
 
 # --------------------------------------------------------------------------- requests
@@ -149,19 +159,6 @@ def initiate_answer(request: AuthorizationRequest) -> dict[str, Any]:
     return {"authorizationUrl": request.authorization_url, "state": request.state, "expiresIn": request.expires_in}
 
 
-def json_answer(body: Mapping[str, Any], status: int = 200) -> Response[str]:
-    return Response(
-        status_code=status,
-        content_type=JSON_CONTENT_TYPE,
-        body=json.dumps(body, separators=(",", ":")),
-        headers=dict(JSON_HEADERS),
-    )
-
-
-def json_refusal(error: TokenServiceError) -> Response[str]:
-    return json_answer(error.to_body(), status=error.status)
-
-
 # --------------------------------------------------------------------------- errors
 
 
@@ -172,9 +169,11 @@ def service_error_for(exc: BaseException) -> TokenServiceError:
         return exc
     if isinstance(exc, pydantic.ValidationError):
         return invalid_request_from(exc.errors(include_input=False, include_url=False))
-    if isinstance(exc, RequestValidationError):
+    # Only the API resolver raises these; when it was never loaded, nothing can be one.
+    validation = sys.modules.get(_POWERTOOLS_VALIDATION)
+    if validation is not None and isinstance(exc, validation.RequestValidationError):
         return invalid_request_from(list(exc.errors()))
-    if isinstance(exc, RequestUnsupportedContentType):
+    if validation is not None and isinstance(exc, validation.RequestUnsupportedContentType):
         return InvalidRequest("The request body must be JSON (Content-Type: application/json).")
     if isinstance(exc, KeyRingError):
         return ConfigurationError("The token key ring is unusable.")
@@ -223,7 +222,8 @@ def _describe_problem(error: Mapping[str, Any]) -> str:
     return f"{field} is invalid."
 
 
-def _refuse(exc: BaseException) -> TokenServiceError:
+def refuse(exc: BaseException) -> TokenServiceError:
+    """The taxonomy's error for ``exc``, counted and logged (by code and status only)."""
     error = service_error_for(exc)
     count_error(error.code)
     log = logger.warning if error.status >= 500 else logger.info
@@ -246,14 +246,18 @@ def answer_direct(event: object, operation: Callable[[Mapping[str, Any]], dict[s
             raise InvalidRequest("The payload must be a JSON object.")
         return operation(event)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one of the taxonomy's answers
-        return _refuse(exc).to_direct_body()
+        return refuse(exc).to_direct_body()
+
+
+class AnswersApiEvents(Protocol):
+    def answer(self, event: Mapping[str, Any], context: object) -> dict[str, Any]: ...
 
 
 def serve(
     event: object,
     context: object,
     *,
-    api: ServiceApi | None = None,
+    api: AnswersApiEvents | None = None,
     direct: Callable[[Mapping[str, Any]], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Dispatch an invocation to the API routes or the direct-invoke operation."""
@@ -272,144 +276,73 @@ def _api_only(payload: Mapping[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- API Gateway
 
 
-class ServiceApi(APIGatewayRestResolver):
-    """Powertools' REST resolver with validation, answering every failure in our shape.
+class ApiRoutes:
+    """A function's REST routes: declared at import, handed to :class:`ServiceApi` on the first API event.
 
-    Validation failures (Powertools' 422) become 400 ``invalid_request`` naming the
-    field; an unknown route is 404 and a known path with another method is 405, both in
-    our error body; a body that is not UTF-8 or not JSON is 400. ``refuse`` shapes the
-    refusal (JSON by default; the OAuth callback answers a browser instead).
+    Powertools' resolver and its OpenAPI validation cost about 100 ms at cold start, and
+    a direct invoke or a scheduled run never needs them. Route functions name ``Query``,
+    ``Body`` and ``Response`` in their annotations, imported under ``TYPE_CHECKING``
+    only; they are resolved to Powertools' own when the resolver is built.
+
+    >>> api = ApiRoutes()                                     # doctest: +SKIP
+    >>> @api.get("/sonos/token")                              # doctest: +SKIP
+    ... def fetch_over_api(user_id: Annotated[str, Query(alias="userId")]) -> Response[str]: ...
     """
 
-    def __init__(self, *, refuse: Callable[[TokenServiceError], Response[str]] = json_refusal) -> None:
-        super().__init__(enable_validation=True, json_body_deserializer=_parse_json_body)
+    def __init__(self, *, refuse: Callable[[TokenServiceError], Response[str]] | None = None) -> None:
         self._refuse_with = refuse
-        self._methods_by_path: dict[str, set[str]] = {}
-        self.exception_handler(Exception)(self._on_exception)
+        self._routes: list[tuple[str, str, Callable[..., Any]]] = []
+        self._resolver: ServiceApi | None = None
+        self._lock = threading.Lock()
 
-    def route(self, rule: str, method: Any, *args: Any, **kwargs: Any) -> Any:
-        methods = [method] if isinstance(method, str) else list(method)
-        self._methods_by_path.setdefault(rule, set()).update(str(m).upper() for m in methods)
-        return super().route(rule, method, *args, **kwargs)
+    def get(self, rule: str) -> Callable[[RouteT], RouteT]:
+        return self._declare(rule, "GET")
+
+    def post(self, rule: str) -> Callable[[RouteT], RouteT]:
+        return self._declare(rule, "POST")
+
+    def delete(self, rule: str) -> Callable[[RouteT], RouteT]:
+        return self._declare(rule, "DELETE")
+
+    def resolver(self) -> ServiceApi:
+        """The resolver for these routes, built once (a failed build is tried again next time)."""
+        with self._lock:
+            if self._resolver is None:
+                from token_manager.api_resolver import resolver_for
+
+                self._resolver = resolver_for(self._routes, refuse_with=self._refuse_with)
+            return self._resolver
 
     def answer(self, event: Mapping[str, Any], context: object) -> dict[str, Any]:
         """Resolve an API Gateway REST proxy event into a proxy response; never raises."""
-        problem = _proxy_event_problem(event)
-        if problem is not None:
-            return _proxy_response(self._refuse_with(_refuse(problem)))
         try:
-            return self.resolve(event, context)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - a failure outside the routes still gets our answer
-            return _proxy_response(self._refuse_with(_refuse(exc)))
+            resolver = self.resolver()
+        except Exception as exc:  # noqa: BLE001 - even without a resolver the caller gets our answer
+            error = refuse(exc)
+            headers = {name: [value] for name, value in JSON_HEADERS.items()}
+            return {
+                "statusCode": error.status,
+                "multiValueHeaders": {**headers, "Content-Type": [JSON_CONTENT_TYPE]},
+                "body": json.dumps(error.to_body(), separators=(",", ":")),
+                "isBase64Encoded": False,
+            }
+        return resolver.answer(event, context)
 
-    def _on_exception(self, exc: Exception) -> Response[str]:
-        if isinstance(exc, NotFoundError):
-            return self._not_routed()
-        return self._refuse_with(_refuse(exc))
+    def _declare(self, rule: str, method: str) -> Callable[[RouteT], RouteT]:
+        def declare(function: RouteT) -> RouteT:
+            with self._lock:
+                if self._resolver is not None:
+                    raise RuntimeError("Routes must be declared before the first API event.")
+                self._routes.append((rule, method, function))
+            return function
 
-    def _not_routed(self) -> Response[str]:
-        method = self.current_event.http_method.upper()
-        allowed = self._methods_by_path.get(self.current_event.path)
-        if not allowed:
-            count_error("not_found")
-            return json_answer({"error": {"code": "not_found", "message": "No such route."}}, status=404)
-        count_error("method_not_allowed")
-        logger.info("method not allowed", extra={"method": method[:16]})
-        response = json_answer(
-            {"error": {"code": "method_not_allowed", "message": "This route does not accept that method."}},
-            status=405,
-        )
-        response.headers["Allow"] = ", ".join(sorted(allowed))
-        return response
+        return declare
 
 
-def _parse_json_body(text: str) -> Any:
-    """json.loads, with every way a body can fail reported as a JSON error (so 400, not 500)."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        raise
-    except (ValueError, RecursionError):  # e.g. absurd nesting, or an integer past Python's digit limit
-        raise json.JSONDecodeError("unparseable JSON", "", 0) from None
+def __getattr__(name: str) -> Any:
+    # The resolver's side of the edge loads Powertools' event handler: only when asked for.
+    if name in _RESOLVER_NAMES:
+        from token_manager import api_resolver
 
-
-# How API Gateway shapes a REST proxy event's parts; an event shaped otherwise did not
-# come from it, and is refused before the resolver trips over a header that is a list.
-_TEXT_MAPS: Final = ("headers", "queryStringParameters", "pathParameters", "stageVariables")
-_TEXT_LIST_MAPS: Final = ("multiValueHeaders", "multiValueQueryStringParameters")
-# Media types Powertools parses into fields whenever they are declared, body or not.
-_PARSED_EVEN_WITHOUT_BODY: Final = frozenset({"multipart/form-data", "application/x-www-form-urlencoded"})
-
-
-def _proxy_event_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
-    if not isinstance(event.get("httpMethod"), str) or not isinstance(event.get("path"), str):
-        return InvalidRequest("The API Gateway event has no method or path.")
-    if not _shaped_like_api_gateway(event):
-        return InvalidRequest("The API Gateway event is malformed.")
-    return _body_problem(event)
-
-
-def _body_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
-    """Bodies are JSON objects, declared as JSON or not declared at all.
-
-    Powertools would otherwise parse a form or multipart body into fields (a multipart
-    type without a boundary failed as a bug), and reads some non-object JSON as no body.
-    """
-    body = event.get("body")
-    for content_type in _declared_content_types(event):
-        media_type = content_type.split(";", 1)[0].strip().lower()
-        if media_type and media_type != JSON_CONTENT_TYPE and (body or media_type in _PARSED_EVEN_WITHOUT_BODY):
-            return InvalidRequest("The request body must be JSON (Content-Type: application/json).")
-    if body is None or body == "":
-        return None
-    if not isinstance(body, str):
-        return InvalidRequest("The request body is not text.")
-    try:
-        text = base64.b64decode(body, validate=True).decode("utf-8") if event.get("isBase64Encoded") else body
-        text.encode("utf-8")  # lone surrogates cannot be UTF-8
-    except (binascii.Error, ValueError):  # UnicodeError is a ValueError
-        return InvalidRequest("The request body is not valid UTF-8 JSON.")
-    try:
-        parsed = _parse_json_body(text)
-    except json.JSONDecodeError:
-        return None  # the resolver answers it, naming the problem
-    if not isinstance(parsed, dict):
-        return InvalidRequest("The request body must be a JSON object.")
-    return None
-
-
-def _declared_content_types(event: Mapping[str, Any]) -> list[str]:
-    found = [value for name, value in (event.get("headers") or {}).items() if name.lower() == "content-type"]
-    for name, values in (event.get("multiValueHeaders") or {}).items():
-        if name.lower() == "content-type":
-            found.extend(values)
-    return found
-
-
-def _shaped_like_api_gateway(event: Mapping[str, Any]) -> bool:
-    def text_map(value: object) -> bool:
-        return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items())
-
-    def text_list_map(value: object) -> bool:
-        return isinstance(value, Mapping) and all(
-            isinstance(k, str) and isinstance(v, list) and all(isinstance(item, str) for item in v)
-            for k, v in value.items()
-        )
-
-    return (
-        all(event.get(name) is None or text_map(event[name]) for name in _TEXT_MAPS)
-        and all(event.get(name) is None or text_list_map(event[name]) for name in _TEXT_LIST_MAPS)
-        and (event.get("requestContext") is None or isinstance(event["requestContext"], Mapping))
-        and event.get("isBase64Encoded") in (None, True, False)
-    )
-
-
-def _proxy_response(response: Response[str]) -> dict[str, Any]:
-    """A Powertools Response as a REST proxy answer (for refusals made outside ``resolve``)."""
-    headers: dict[str, list[str]] = {}
-    for name, value in response.headers.items():
-        headers[name] = list(value) if isinstance(value, list) else [value]
-    if response.content_type and "Content-Type" not in headers:
-        headers["Content-Type"] = [response.content_type]
-    body = response.body if isinstance(response.body, str) else json.dumps(response.body)
-    return {"statusCode": response.status_code, "multiValueHeaders": headers, "body": body, "isBase64Encoded": False}
+        return getattr(api_resolver, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,12 +13,13 @@ import base64
 import hashlib
 import html
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from aws_lambda_powertools.event_handler import Response
-
 from token_manager.errors import AccessDenied, InvalidState, TokenServiceError
+
+if TYPE_CHECKING:
+    from aws_lambda_powertools.event_handler import Response
 
 __all__ = ["LinkUrls", "link_failed", "link_succeeded"]
 
@@ -85,6 +86,8 @@ def link_failed(error: TokenServiceError, urls: LinkUrls) -> Response[str]:
 
 
 def _redirect(location: str) -> Response[str]:
+    from aws_lambda_powertools.event_handler import Response  # loaded with the resolver, on API events only
+
     return Response(status_code=302, body="", headers={**_COMMON_HEADERS, "Location": location})
 
 
@@ -103,6 +106,8 @@ def _page(page: _Page, *, status: int) -> Response[str]:
         f"<title>{html.escape(page.title)}</title><style>{_STYLE}</style></head>"
         f"<body><main><h1>{html.escape(page.title)}</h1><p>{html.escape(page.text)}</p></main></body></html>"
     )
+    from aws_lambda_powertools.event_handler import Response  # loaded with the resolver, on API events only
+
     return Response(
         status_code=status,
         content_type="text/html; charset=utf-8",
