@@ -57,8 +57,13 @@ _CORRELATION_ID = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
 HandlerT = TypeVar("HandlerT", bound=Callable[..., Any])
 LambdaHandler = Callable[[Any, Any], Any]
 
-logger = Logger(service=SERVICE_NAME, utc=True)
+# `name` says which module logged; set here, it survives the per-invocation clear_state.
+logger = Logger(service=SERVICE_NAME, utc=True, name="%(name)s")
 metrics = Metrics(namespace=METRICS_NAMESPACE, service=SERVICE_NAME)
+
+# Powertools warns on every invocation that counted nothing but the cold start: noise. One
+# filter for the process (catch_warnings per invocation cost time and is not thread-safe).
+warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
 
 
 def route_layer_logs() -> None:
@@ -139,15 +144,18 @@ def tracing_enabled() -> bool:
 
 
 _tracer: Tracer | None = None
+_tracing_decided = False
 
 
 def get_tracer() -> Tracer | None:
-    """The container's Tracer, or None when tracing is off."""
-    global _tracer
-    if _tracer is None and tracing_enabled():
-        from aws_lambda_powertools import Tracer
+    """The container's Tracer, or None when tracing is off (decided once: the environment is the container's)."""
+    global _tracer, _tracing_decided
+    if not _tracing_decided:
+        if tracing_enabled():
+            from aws_lambda_powertools import Tracer
 
-        _tracer = Tracer(service=SERVICE_NAME, patch_modules=TRACED_MODULES)
+            _tracer = Tracer(service=SERVICE_NAME, patch_modules=TRACED_MODULES)
+        _tracing_decided = True
     return _tracer
 
 
@@ -169,7 +177,6 @@ def lambda_entry(handler: HandlerT) -> HandlerT:
     @functools.wraps(handler)
     def with_correlation(event: Any, context: Any) -> Any:
         logger.set_correlation_id(correlation_id_of(event))
-        logger.append_keys(name="%(name)s")  # which module logged (cleared with the state each invocation)
         try:
             return handler(event, context)
         finally:
@@ -179,13 +186,6 @@ def lambda_entry(handler: HandlerT) -> HandlerT:
     tracer = get_tracer()
     if tracer is not None:
         wrapped = tracer.capture_lambda_handler(wrapped, capture_response=False, capture_error=False)
-    measured = metrics.log_metrics(wrapped, capture_cold_start_metric=True)
-
-    def without_empty_metrics_warning(event: Any, context: Any) -> Any:
-        # Powertools warns on every invocation that counted nothing but the cold start: noise.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="No application metrics to publish", category=UserWarning)
-            return measured(event, context)
-
-    wrapped = logger.inject_lambda_context(without_empty_metrics_warning, log_event=False, clear_state=True)
+    wrapped = metrics.log_metrics(wrapped, capture_cold_start_metric=True)
+    wrapped = logger.inject_lambda_context(wrapped, log_event=False, clear_state=True)
     return functools.wraps(handler)(wrapped)  # type: ignore[return-value]
