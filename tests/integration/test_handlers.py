@@ -33,6 +33,7 @@ from tests.support.handlers import (
     LambdaContextStub,
     captured_service_logs,
     function_for_event,
+    handler_environment,
     load_event,
     load_handler,
     sample_event_files,
@@ -191,31 +192,16 @@ def world(
         connection.execute("truncate sonos_tokens")
     redis.Redis.from_url(redis_url).flushdb()
     ring = KeyRing.generate()
-    environment = {
-        "ENV": "dev",
-        "SONOS_CLIENT_ID": CLIENT_ID,
-        "SONOS_CLIENT_SECRET": CLIENT_SECRET,
-        "SONOS_REDIRECT_URI": REDIRECT_URI,
-        "TOKEN_ENCRYPTION_KEYS": ring.to_json(),
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "SUPABASE_URL": "",
-        "SUPABASE_SERVICE_ROLE_KEY": "",
-        "SONOS_AUTH_BASE_URL": AUTH_BASE,
-        "SONOS_CONTROL_BASE_URL": CONTROL_BASE,
-        "SONOS_REVOKE_URL": "",
-        "SONOS_SCOPE": "playback-control-all",
-        "SONOS_LINK_SUCCESS_URL": "",
-        "SONOS_LINK_FAILURE_URL": "",
-        "EVENT_BUS_NAME": "",
-        "REFRESH_AHEAD_SECONDS": "300",
-        "SSM_PARAMETER_MAX_AGE_SECONDS": "300",
-        "POWERTOOLS_TRACE_DISABLED": "true",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-    }
+    environment = handler_environment(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        key_ring_json=ring.to_json(),
+        database_url=database_url,
+        redis_url=redis_url,
+        auth_base_url=AUTH_BASE,
+        control_base_url=CONTROL_BASE,
+    )
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     secrets = {CLIENT_SECRET, ACCESS, REFRESH, CODE, ring.to_json()}

@@ -120,3 +120,43 @@ def captured_service_logs(level: int = logging.DEBUG) -> Iterator[io.StringIO]:
         layer.handlers[:] = saved_layer[0]
         layer.propagate = saved_layer[1]
         layer.setLevel(saved_layer[2])
+
+
+def handler_environment(
+    *,
+    client_id: str,
+    client_secret: str,
+    redirect_uri: str,
+    key_ring_json: str,
+    database_url: str,
+    redis_url: str,
+    auth_base_url: str,
+    control_base_url: str,
+) -> dict[str, str]:
+    """Every setting the handlers read, from the environment (no SSM), for in-process runs."""
+    return {
+        "ENV": "dev",
+        "SONOS_CLIENT_ID": client_id,
+        "SONOS_CLIENT_SECRET": client_secret,
+        "SONOS_REDIRECT_URI": redirect_uri,
+        "TOKEN_ENCRYPTION_KEYS": key_ring_json,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "SUPABASE_URL": "",
+        "SUPABASE_SERVICE_ROLE_KEY": "",
+        "SONOS_AUTH_BASE_URL": auth_base_url,
+        "SONOS_CONTROL_BASE_URL": control_base_url,
+        "SONOS_REVOKE_URL": "",  # Sonos documents no revocation endpoint
+        "SONOS_SCOPE": "playback-control-all",
+        "SONOS_LINK_SUCCESS_URL": "",
+        "SONOS_LINK_FAILURE_URL": "",
+        "EVENT_BUS_NAME": "",
+        "REFRESH_AHEAD_SECONDS": "300",
+        "SSM_PARAMETER_MAX_AGE_SECONDS": "300",
+        "SONOS_HTTP_TIMEOUT_SECONDS": "4",
+        "POWERTOOLS_TRACE_DISABLED": "true",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+    }

@@ -24,7 +24,13 @@ from psycopg.rows import dict_row
 
 from devtools.sonos_standin import SonosStandIn, StandInConfig
 from tests.support.answer_checks import ERROR_STATUS
-from tests.support.handlers import LambdaContextStub, captured_service_logs, load_event, load_handler
+from tests.support.handlers import (
+    LambdaContextStub,
+    captured_service_logs,
+    handler_environment,
+    load_event,
+    load_handler,
+)
 from tests.support.secret_guard import SecretGuard, without_fetched_token
 from token_manager import runtime
 from token_manager.crypto import KeyRing, TokenCipher
@@ -56,32 +62,16 @@ Rows = dict[str, dict[str, Any]]
 
 def base_environment(*, stand_in: SonosStandIn, ring: KeyRing, database_url: str, redis_url: str) -> dict[str, str]:
     """Every setting the handlers read, pointed at the stand-in and the test's services."""
-    return {
-        "ENV": "dev",
-        "SONOS_CLIENT_ID": CLIENT_ID,
-        "SONOS_CLIENT_SECRET": CLIENT_SECRET,
-        "SONOS_REDIRECT_URI": REDIRECT_URI,
-        "TOKEN_ENCRYPTION_KEYS": ring.to_json(),
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url,
-        "SUPABASE_URL": "",
-        "SUPABASE_SERVICE_ROLE_KEY": "",
-        "SONOS_AUTH_BASE_URL": stand_in.url,
-        "SONOS_CONTROL_BASE_URL": stand_in.control_url,
-        "SONOS_REVOKE_URL": "",  # Sonos documents no revocation endpoint
-        "SONOS_SCOPE": "playback-control-all",
-        "SONOS_LINK_SUCCESS_URL": "",
-        "SONOS_LINK_FAILURE_URL": "",
-        "EVENT_BUS_NAME": "",
-        "REFRESH_AHEAD_SECONDS": "300",
-        "SSM_PARAMETER_MAX_AGE_SECONDS": "300",
-        "SONOS_HTTP_TIMEOUT_SECONDS": "4",
-        "POWERTOOLS_TRACE_DISABLED": "true",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_SESSION_TOKEN": "testing",
-    }
+    return handler_environment(
+        client_id=CLIENT_ID,
+        client_secret=CLIENT_SECRET,
+        redirect_uri=REDIRECT_URI,
+        key_ring_json=ring.to_json(),
+        database_url=database_url,
+        redis_url=redis_url,
+        auth_base_url=stand_in.url,
+        control_base_url=stand_in.control_url,
+    )
 
 
 def standin_config(**overrides: Any) -> StandInConfig:
