@@ -12,6 +12,7 @@ help:
 	@echo "make demo        run the whole service end to end on this machine (main job)"
 	@echo "make test        lint, type-check, template lint and the tests on real Redis + Postgres"
 	@echo "make invoke      run every sample event in events/ through its handler in-process"
+	@echo "                 (one: make invoke FN=token_fetch EVENT=events/token_fetch_direct.json)"
 	@echo "make local-api   the service locally (Sonos stand-in + local API): open http://127.0.0.1:3000/"
 	@echo "make bench       performance figures against their targets, one table (docs/benchmarks.md)"
 	@echo "make sam-validate / sam-build   SAM CLI checks (own tool venv)"
@@ -38,7 +39,7 @@ bench: venv
 	scripts/with-services.sh scripts/bench.sh
 
 invoke: venv
-	scripts/with-services.sh $(PY) scripts/invoke.py
+	scripts/with-services.sh $(PY) scripts/invoke.py $(if $(EVENT),--event $(EVENT)) $(if $(FN),--function $(FN))
 
 sam-validate:
 	scripts/sam.sh validate

@@ -3,6 +3,7 @@
 Run it inside scripts/with-services.sh (which exports REDIS_URL and DATABASE_URL):
 
     scripts/with-services.sh .venv/bin/python scripts/invoke.py [--verbose]
+    make invoke FN=token_fetch EVENT=events/token_fetch_direct.json    # one event only
 
 Each function gets the settings events/env.json gives it (what `sam local invoke
 --env-vars events/env.json` passes), overridden by the live REDIS_URL / DATABASE_URL
@@ -159,8 +160,8 @@ def callback_query(location: str) -> dict[str, str]:
     return {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
 
 
-def run_plan(run: Run) -> None:
-    # 1. Link the sample user: initiate -> Allow on the stand-in's consent page -> callback.
+def link_sample_user(run: Run) -> None:
+    """Initiate -> Allow on the stand-in's consent page -> callback, for the sample user."""
     initiated = run.invoke(Step("oauth_initiate_direct.json"))
     url = initiated.get("authorizationUrl") if isinstance(initiated, dict) else None
     linked = callback_query(run.sonos.approve(url, account="sample-account")) if url else {}
@@ -171,6 +172,11 @@ def run_plan(run: Run) -> None:
             with_query(code=linked.get("code", ""), state=linked.get("state", "")),
         )
     )
+
+
+def run_plan(run: Run) -> None:
+    # 1. Link the sample user.
+    link_sample_user(run)
     # 2. A second flow that the user denies.
     started = run.invoke(Step("oauth_initiate_api.json"))
     body = json.loads(started.get("body") or "{}")
@@ -270,7 +276,16 @@ def describe(body: Any) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--verbose", action="store_true", help="show the service's INFO logs and EMF metrics")
+    parser.add_argument("--event", help="run only this file of events/ (after linking the sample user)")
+    parser.add_argument("--function", help="with --event: the function it must belong to (e.g. token_fetch)")
     args = parser.parse_args(argv)
+    only = Path(args.event).name if args.event else None
+    if only is not None and only not in sample_event_files():
+        print(f"{args.event}: not a sample event; choose one of {', '.join(sample_event_files())}")
+        return 2
+    if only is not None and args.function and function_for_event(only) != args.function:
+        print(f"{only} is an event for {function_for_event(only)}, not {args.function}")
+        return 2
     live = {name: os.environ.get(name, "") for name in ("REDIS_URL", "DATABASE_URL")}
     if not all(live.values()):
         print("REDIS_URL and DATABASE_URL are not set: run through scripts/with-services.sh (make invoke)")
@@ -295,15 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(overrides)  # before the first handler loads: Powertools reads them at import
         put_key_ring(aws_env["AWS_ENDPOINT_URL_SSM"], KEY_RING_PARAMETER.format(env=sample_env["ENV"]), ring_json)
         run = Run(sonos=sonos, base_env=overrides, verbose=args.verbose)
-        run_plan(run)
-        for file_name in sample_event_files():
-            if file_name not in PLANNED:  # a sample added later still runs, as it is
-                run.invoke(Step(file_name, "not in the plan: run as it is"))
+        if only is not None:
+            link_sample_user(run)
+            run.invoke(Step(only, "as given"))
+        else:
+            run_plan(run)
+            for file_name in sample_event_files():
+                if file_name not in PLANNED:  # a sample added later still runs, as it is
+                    run.invoke(Step(file_name, "not in the plan: run as it is"))
 
     if run.failures:
         print(f"\n{len(run.failures)} answer(s) were 5xx: {', '.join(run.failures)}")
         return 1
-    print("\nevery sample event answered without a 5xx")
+    print(f"\n{only or 'every sample event'} answered without a 5xx")
     return 0
 
 

@@ -253,6 +253,39 @@ def test_c2_fifty_threads_one_refresh(env: ManagerEnv, rsps: responses.RequestsM
     assert results == ["access-MARKER-c2"] * 50
 
 
+def test_c2_counterfactual_without_the_lock_the_same_load_refreshes_more_than_once(
+    env: ManagerEnv, rsps: responses.RequestsMock
+) -> None:
+    # The same load as test_c2_fifty_threads_one_refresh with the lock switched off: proves
+    # that the lock, not luck or the test's timing, is what keeps Sonos to one request.
+    env.link(rsps)
+    age_to(env, 30)
+
+    def slow_refresh(n: int) -> tuple[int, dict[str, object]]:
+        threading.Event().wait(0.3)
+        return 200, env.token_json("access-MARKER-nolock", "refresh-MARKER-nolock")
+
+    rsps.add_callback(responses.POST, TOKEN_URL, callback=json_callback(slow_refresh))
+    managers = [env.manager(use_refresh_lock=False) for _ in range(50)]
+    barrier = threading.Barrier(50)
+    errors: list[BaseException] = []
+
+    def call(manager):  # type: ignore[no-untyped-def]
+        barrier.wait()
+        try:
+            manager.get_token("user-1")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(m,)) for m in managers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(token_calls(rsps)) > 1
+
+
 def test_c2_without_redis_the_version_check_keeps_one_winner(env: ManagerEnv, rsps: responses.RequestsMock) -> None:
     env.link(rsps)
     age_to(env, 30)
