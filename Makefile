@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 REQS := layers/token_manager/requirements.txt layers/postgres_driver/requirements.txt requirements-dev.txt
 
-.PHONY: help demo test venv lint invoke local-api bench sam-build sam-validate clean
+.PHONY: help demo test venv lint invoke local-api bench openapi sam-build sam-validate clean
 
 help:
 	@echo "make demo        run the whole service end to end on this machine (main job)"
@@ -15,6 +15,7 @@ help:
 	@echo "                 (one: make invoke FN=token_fetch EVENT=events/token_fetch_direct.json)"
 	@echo "make local-api   the service locally (Sonos stand-in + local API): open http://127.0.0.1:3000/"
 	@echo "make bench       performance figures against their targets, one table (docs/benchmarks.md)"
+	@echo "make openapi     check docs/openapi.yaml against the routes the handlers declare"
 	@echo "make sam-validate / sam-build   SAM CLI checks (own tool venv)"
 
 $(VENV)/.requirements.sha256: $(REQS) scripts/bootstrap-venv.sh
@@ -40,6 +41,9 @@ bench: venv
 
 invoke: venv
 	scripts/with-services.sh $(PY) scripts/invoke.py $(if $(EVENT),--event $(EVENT)) $(if $(FN),--function $(FN))
+
+openapi: venv
+	$(PY) scripts/openapi.py --check
 
 sam-validate:
 	scripts/sam.sh validate
