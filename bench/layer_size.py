@@ -1,9 +1,11 @@
-"""The token_manager layer's unzipped size, built as `sam build` builds it: the requirements plus the package.
+"""The layers' unzipped sizes, built as `sam build` builds them: the requirements plus the package.
 
 ``pip install --target`` of layers/token_manager/requirements.txt (no bytecode, as SAM
 ships none) and the ``token_manager`` sources, summed file by file (what Lambda counts
 against its unzipped limit). Shown with and without the packages the Lambda Python
-runtime already provides (boto3, botocore, s3transfer, jmespath).
+runtime already provides (boto3, botocore, s3transfer, jmespath). The Postgres driver
+layer (layers/postgres_driver/, attached only where the template's DatabaseUrl is set)
+is measured the same way and shown on its own, without a target.
 """
 
 from __future__ import annotations
@@ -17,42 +19,18 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.report import Row
-from bench.services import LAYER_DIR
+from bench.services import LAYER_DIR, ROOT
 
 SECTION = "layer size (unzipped)"
 TARGET_MB = 40.0
 RUNTIME_PROVIDED = frozenset({"boto3", "botocore", "s3transfer", "jmespath"})
 MB = 1_000_000
+DRIVER_LAYER_DIR = ROOT / "layers" / "postgres_driver"
 
 
 def run() -> list[Row]:
-    with tempfile.TemporaryDirectory(prefix="bench-layer-") as scratch:
-        target = Path(scratch) / "python"
-        completed = subprocess.run(  # noqa: S603 - our own interpreter
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-compile",
-                "--target",
-                str(target),
-                "-r",
-                str(LAYER_DIR / "requirements.txt"),
-            ],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if completed.returncode != 0:
-            raise RuntimeError(f"pip install --target failed: {completed.stderr[-2000:]}")
-        shutil.copytree(
-            LAYER_DIR / "token_manager", target / "token_manager", ignore=shutil.ignore_patterns("__pycache__")
-        )
-        sizes = _bytes_by_distribution(target)
-
+    sizes = _installed_sizes(LAYER_DIR, package="token_manager")
+    driver_sizes = _installed_sizes(DRIVER_LAYER_DIR)
     total = sum(sizes.values())
     without_runtime = sum(size for name, size in sizes.items() if name not in RUNTIME_PROVIDED)
     largest = sorted(((size, name) for name, size in sizes.items() if name not in RUNTIME_PROVIDED), reverse=True)
@@ -67,7 +45,44 @@ def run() -> list[Row]:
             digits=1,
             note="largest: " + ", ".join(f"{name} {size / MB:.1f}" for size, name in largest[:5]),
         ),
+        Row(
+            SECTION,
+            "postgres_driver layer, only with DatabaseUrl",
+            sum(driver_sizes.values()) / MB,
+            "MB",
+            digits=1,
+            note=", ".join(f"{name} {size / MB:.1f}" for name, size in sorted(driver_sizes.items())),
+        ),
     ]
+
+
+def _installed_sizes(layer_dir: Path, *, package: str | None = None) -> dict[str, int]:
+    """Bytes per distribution of the layer's requirements (and its own package), installed without bytecode."""
+    with tempfile.TemporaryDirectory(prefix="bench-layer-") as scratch:
+        target = Path(scratch) / "python"
+        completed = subprocess.run(  # noqa: S603 - our own interpreter
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-compile",
+                "--target",
+                str(target),
+                "-r",
+                str(layer_dir / "requirements.txt"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if completed.returncode != 0:
+            raise RuntimeError(f"pip install --target failed: {completed.stderr[-2000:]}")
+        if package is not None:
+            shutil.copytree(layer_dir / package, target / package, ignore=shutil.ignore_patterns("__pycache__"))
+        return _bytes_by_distribution(target)
 
 
 def _bytes_by_distribution(root: Path) -> dict[str, int]:
