@@ -31,9 +31,11 @@ def test_database_url_wins_over_supabase_settings() -> None:
     assert isinstance(store, PostgresTokenStore)
 
 
-def test_supabase_url_and_key_choose_the_supabase_store() -> None:
+def test_supabase_url_and_key_choose_the_supabase_store_built_on_first_use() -> None:
     store = store_from_settings(database_url="", supabase_url="https://x.supabase.test", supabase_service_role_key=KEY)
-    assert isinstance(store, SupabaseTokenStore)
+    assert KEY not in repr(store)
+    assert store.close.__self__.__class__ is SupabaseTokenStore  # type: ignore[attr-defined]
+    assert KEY not in repr(store)
     store.close()
 
 
@@ -71,11 +73,14 @@ def modules_loaded_by(code: str) -> set[str]:
     return set(json.loads(result.stdout.strip().splitlines()[-1]))
 
 
-def test_the_supabase_path_never_loads_psycopg_nor_the_full_supabase_client() -> None:
-    loaded = modules_loaded_by(
+def test_the_supabase_path_loads_postgrest_only_when_used_and_never_psycopg_nor_the_full_client() -> None:
+    choose = (
         "from token_manager.store import store_from_settings\n"
-        "store_from_settings(database_url=None, supabase_url='https://x.supabase.test', supabase_service_role_key='k')"
+        "store = store_from_settings(database_url=None, supabase_url='https://x.supabase.test', "
+        "supabase_service_role_key='k')"
     )
+    assert not {"postgrest", "httpx", "psycopg"} & modules_loaded_by(choose)
+    loaded = modules_loaded_by(choose + "\nstore.close")
     assert "postgrest" in loaded
     assert not {"psycopg", "supabase", "supabase_auth", "realtime", "storage3"} & loaded
 

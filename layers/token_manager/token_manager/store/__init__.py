@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import threading
+from collections.abc import Callable
+from typing import Any, cast
 
 from token_manager.errors import ConfigurationError
 from token_manager.store.base import TokenStore
@@ -36,9 +39,15 @@ def store_from_settings(
 
         return PostgresTokenStore(database_url)
     if supabase_url and supabase_service_role_key:
-        from token_manager.store.supabase import SupabaseTokenStore
+        url, key = supabase_url, supabase_service_role_key
 
-        return SupabaseTokenStore(supabase_url, supabase_service_role_key)
+        def build() -> TokenStore:
+            from token_manager.store.supabase import SupabaseTokenStore
+
+            return SupabaseTokenStore(url, key)
+
+        # httpx + postgrest cost ~100 ms of cold start; a fetch answered from the cache never needs them.
+        return cast(TokenStore, _BuiltOnFirstUse(build))
     if supabase_url:
         raise ConfigurationError("SUPABASE_SERVICE_ROLE_KEY is not set (SUPABASE_URL is).")
     if supabase_service_role_key:
@@ -51,3 +60,24 @@ def store_from_settings(
 def postgres_driver_available() -> bool:
     """Whether psycopg can be imported (it ships in its own layer), without importing it."""
     return importlib.util.find_spec("psycopg") is not None
+
+
+class _BuiltOnFirstUse:
+    """A store that is built, once and thread-safely, by the first call that needs it."""
+
+    def __init__(self, build: Callable[[], TokenStore]) -> None:
+        self._build = build
+        self._store: TokenStore | None = None
+        self._lock = threading.Lock()
+
+    def __getattr__(self, name: str) -> Any:
+        store = self._store
+        if store is None:
+            with self._lock:
+                if self._store is None:
+                    self._store = self._build()
+                store = self._store
+        return getattr(store, name)
+
+    def __repr__(self) -> str:
+        return "TokenStore(built on first use)" if self._store is None else repr(self._store)
