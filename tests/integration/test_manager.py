@@ -41,7 +41,7 @@ from token_manager.errors import (
     StorageUnavailable,
     UpstreamUnavailable,
 )
-from token_manager.manager import RefreshOutcome
+from token_manager.manager import RefreshOutcome, SonosTokenManager
 from token_manager.models import TokenStatus
 from token_manager.settings import parse_redirect_uris
 
@@ -87,6 +87,28 @@ def stored(env: ManagerEnv, user_id: str = "user-1"):  # type: ignore[no-untyped
 def decrypt(env: ManagerEnv, grant, field: str) -> str:  # type: ignore[no-untyped-def]
     ciphertext = grant.access_token_encrypted if field == "access_token" else grant.refresh_token_encrypted
     return env.manager()._cipher.decrypt(ciphertext, key_id=grant.encryption_key_id, user_id=grant.user_id, field=field)
+
+
+def fetch_all_at_once(managers: list[SonosTokenManager], user_id: str) -> list[str]:
+    """Every manager (one per "container") fetches on its own thread, released together."""
+    barrier = threading.Barrier(len(managers))
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def call(manager: SonosTokenManager) -> None:
+        barrier.wait()
+        try:
+            results.append(manager.get_token(user_id).access_token)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(m,)) for m in managers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    return results
 
 
 def age_to(env: ManagerEnv, seconds_before_expiry: float, user_id: str = "user-1") -> None:
@@ -231,24 +253,7 @@ def test_c2_fifty_threads_one_refresh(env: ManagerEnv, rsps: responses.RequestsM
         return 200, env.token_json("access-MARKER-c2", "refresh-MARKER-c2")
 
     rsps.add_callback(responses.POST, TOKEN_URL, callback=json_callback(slow_refresh))
-    managers = [env.manager() for _ in range(50)]
-    barrier = threading.Barrier(50)
-    results: list[str] = []
-    errors: list[BaseException] = []
-
-    def call(manager):  # type: ignore[no-untyped-def]
-        barrier.wait()
-        try:
-            results.append(manager.get_token("user-1").access_token)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(m,)) for m in managers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    results = fetch_all_at_once([env.manager() for _ in range(50)], "user-1")
     assert len(token_calls(rsps)) == 1
     assert results == ["access-MARKER-c2"] * 50
 
@@ -266,23 +271,7 @@ def test_c2_counterfactual_without_the_lock_the_same_load_refreshes_more_than_on
         return 200, env.token_json("access-MARKER-nolock", "refresh-MARKER-nolock")
 
     rsps.add_callback(responses.POST, TOKEN_URL, callback=json_callback(slow_refresh))
-    managers = [env.manager(use_refresh_lock=False) for _ in range(50)]
-    barrier = threading.Barrier(50)
-    errors: list[BaseException] = []
-
-    def call(manager):  # type: ignore[no-untyped-def]
-        barrier.wait()
-        try:
-            manager.get_token("user-1")
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=call, args=(m,)) for m in managers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    fetch_all_at_once([env.manager(use_refresh_lock=False) for _ in range(50)], "user-1")
     assert len(token_calls(rsps)) > 1
 
 
