@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from tests.support.handlers import header
 from tests.support.service_control import ServiceControl
 from tests.support.service_world import (
     USER,
@@ -16,7 +17,6 @@ from tests.support.service_world import (
     assert_api_error,
     assert_direct_error,
     assert_grant_unchanged,
-    header,
 )
 
 pytestmark = pytest.mark.integration

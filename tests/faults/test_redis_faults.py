@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from tests.support.handlers import header
 from tests.support.service_control import ServiceControl
 from tests.support.service_world import (
     USER,
@@ -15,7 +16,6 @@ from tests.support.service_world import (
     assert_api_error,
     assert_direct_error,
     assert_grant_unchanged,
-    header,
 )
 from tests.support.tcp_proxy import TcpProxy
 

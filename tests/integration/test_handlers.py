@@ -31,9 +31,11 @@ from moto import mock_aws
 from tests.support.answer_checks import ERROR_STATUS
 from tests.support.handlers import (
     LambdaContextStub,
+    api_event,
     captured_service_logs,
     function_for_event,
     handler_environment,
+    header,
     load_event,
     load_handler,
     sample_event_files,
@@ -241,33 +243,8 @@ def _record_aws_calls(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
 # --------------------------------------------------------------------------- event helpers
 
 
-_KEEP: Any = object()
-
-
-def api_event(file_name: str, *, query: Any = _KEEP, body: Any = _KEEP, **fields: Any) -> Any:
-    """A sample API Gateway event with its query string and/or body replaced."""
-    event = load_event(file_name)
-    if query is not _KEEP:
-        event["queryStringParameters"] = query
-        event["multiValueQueryStringParameters"] = None if query is None else {k: [v] for k, v in query.items()}
-    if body is not _KEEP:
-        event["body"] = body if body is None or isinstance(body, str) else json.dumps(body)
-    event.update(fields)
-    return event
-
-
 def callback_event(**query: str) -> Any:
     return api_event("oauth_callback_api.json", query=query)
-
-
-def header(answer: dict[str, Any], name: str) -> str | None:
-    for key, values in (answer.get("multiValueHeaders") or {}).items():
-        if key.lower() == name.lower():
-            return str(values[-1])
-    for key, value in (answer.get("headers") or {}).items():
-        if key.lower() == name.lower():
-            return str(value)
-    return None
 
 
 def body_of(answer: dict[str, Any]) -> Any:

@@ -160,3 +160,29 @@ def handler_environment(
         "AWS_SECRET_ACCESS_KEY": "testing",
         "AWS_SESSION_TOKEN": "testing",
     }
+
+
+_KEEP: Any = object()
+
+
+def api_event(file_name: str, *, query: Any = _KEEP, body: Any = _KEEP, **fields: Any) -> Any:
+    """A sample API Gateway event (events/) with its query string and/or body replaced."""
+    event = load_event(file_name)
+    if query is not _KEEP:
+        event["queryStringParameters"] = query
+        event["multiValueQueryStringParameters"] = None if query is None else {k: [v] for k, v in query.items()}
+    if body is not _KEEP:
+        event["body"] = body if body is None or isinstance(body, str) else json.dumps(body)
+    event.update(fields)
+    return event
+
+
+def header(answer: dict[str, Any], name: str) -> str | None:
+    """A header of a proxy answer, case-insensitively; the last value of a multi-value one."""
+    for key, values in (answer.get("multiValueHeaders") or {}).items():
+        if key.lower() == name.lower():
+            return str(values[-1])
+    for key, value in (answer.get("headers") or {}).items():
+        if key.lower() == name.lower():
+            return str(value)
+    return None

@@ -28,9 +28,9 @@ from tests.support.handlers import (
     LambdaContextStub,
     captured_service_logs,
     handler_environment,
-    load_event,
     load_handler,
 )
+from tests.support.handlers import api_event as handler_api_event
 from tests.support.secret_guard import SecretGuard, without_fetched_token
 from token_manager import runtime
 from token_manager.crypto import KeyRing, TokenCipher
@@ -230,23 +230,9 @@ def assert_direct_error(answer: dict[str, Any], code: str) -> None:
     assert answer["error"]["message"]
 
 
-def header(answer: dict[str, Any], name: str) -> str | None:
-    for key, values in (answer.get("multiValueHeaders") or {}).items():
-        if key.lower() == name.lower():
-            return str(values[-1])
-    for key, value in (answer.get("headers") or {}).items():
-        if key.lower() == name.lower():
-            return str(value)
-    return None
-
-
 def api_event(file_name: str, *, query: dict[str, str] | None = None, body: Any = None) -> dict[str, Any]:
-    """A sample API Gateway event (events/) with its query string and body replaced."""
-    event = load_event(file_name)
-    event["queryStringParameters"] = query
-    event["multiValueQueryStringParameters"] = None if query is None else {k: [v] for k, v in query.items()}
-    event["body"] = body if body is None or isinstance(body, str) else json.dumps(body)
-    return event
+    """A sample API Gateway event (events/) with its query string and body both replaced."""
+    return dict(handler_api_event(file_name, query=query, body=body))
 
 
 def parse_expires_at(answer: dict[str, Any]) -> datetime:

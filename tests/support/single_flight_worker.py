@@ -8,9 +8,7 @@ from multiprocessing.synchronize import Barrier
 from typing import Any
 
 
-def fetch_in_process(
-    config: dict[str, Any], start: Barrier, threads: int, results: Any, use_lock: bool = True
-) -> None:
+def fetch_in_process(config: dict[str, Any], start: Barrier, threads: int, results: Any, use_lock: bool = True) -> None:
     """Build one container's manager, wait for every process, then fetch from ``threads`` threads."""
     from token_manager.cache import RedisCache
     from token_manager.crypto import KeyRing, TokenCipher
