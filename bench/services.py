@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
+from devtools.sonos_standin import CLIENT_SECRET_ENV
+
 ROOT = Path(__file__).resolve().parent.parent
 LAYER_DIR = ROOT / "layers" / "token_manager"
 
@@ -71,11 +73,11 @@ class StandInProcess:
             "0",
             "--client-id",
             self.client_id,
-            "--client-secret",
-            self._client_secret,
         ]
+        # The secret goes by environment, not argv, where `ps` would show it.
+        env = {**child_env(), CLIENT_SECRET_ENV: self._client_secret}
         self._process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=child_env()
+            command, cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env
         )
         assert self._process.stdout is not None
         deadline = time.monotonic() + STANDIN_START_TIMEOUT_SEC

@@ -11,6 +11,7 @@ import hashlib
 import html
 import http.client
 import json
+import os
 import secrets
 import signal
 import socket
@@ -49,6 +50,7 @@ COUNT_KINDS: Final = (
 )
 DEFAULT_EXPIRES_IN_SECONDS: Final = 86399
 DEFAULT_PORT: Final = 8710
+CLIENT_SECRET_ENV: Final = "SONOS_STANDIN_CLIENT_SECRET"  # the CLI's secret, kept off argv
 MAX_BODY_BYTES: Final = 64 * 1024
 CONSENT_REQUEST_TIMEOUT_SEC: Final = 10.0
 SHUTDOWN_POLL_INTERVAL_SEC: Final = 0.01  # how soon stop() is noticed by the serving thread
@@ -922,7 +924,9 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port")
     parser.add_argument("--client-id", default=StandInConfig.client_id)
     parser.add_argument(
-        "--client-secret", default=StandInConfig.client_secret, help="default: standin-secret (never printed)"
+        "--client-secret",
+        default=os.environ.get(CLIENT_SECRET_ENV) or StandInConfig.client_secret,
+        help=f"default: ${CLIENT_SECRET_ENV}, else standin-secret (never printed; the variable keeps it off argv)",
     )
     parser.add_argument("--app-name", default=StandInConfig.app_name)
     parser.add_argument("--redirect-uri", action="append", default=[], help="registered redirect URI (repeatable)")

@@ -17,7 +17,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import pytest
 import requests
 
-from devtools.sonos_standin import ConsentPageError, SonosStandIn, StandInConfig
+from devtools.sonos_standin import CLIENT_SECRET_ENV, ConsentPageError, SonosStandIn, StandInConfig, _parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_ID = "standin-client"
@@ -894,3 +894,17 @@ def test_command_line_prints_the_urls_and_never_the_secret_or_tokens(tmp_path: P
     assert "POST /login/v3/oauth/access 200" in err
     for secret in ("marker-secret-c0ffee", code, tokens["access_token"], tokens["refresh_token"]):
         assert secret not in printed
+
+
+def test_command_line_takes_the_client_secret_from_the_environment_so_argv_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv(CLIENT_SECRET_ENV, raising=False)
+    assert _parse_args([]).client_secret == StandInConfig.client_secret
+
+    monkeypatch.setenv(CLIENT_SECRET_ENV, "marker-secret-from-env")
+    assert _parse_args([]).client_secret == "marker-secret-from-env"
+    assert _parse_args(["--client-secret", "marker-flag"]).client_secret == "marker-flag"
+
+    monkeypatch.setenv(CLIENT_SECRET_ENV, "")
+    assert _parse_args([]).client_secret == StandInConfig.client_secret
