@@ -20,13 +20,15 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final, Self, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 # PyYAML comes with cfn-lint in the dev venv; its stubs (types-PyYAML) may not be installed.
 import yaml  # type: ignore[import-untyped,unused-ignore]
+
+from devtools.http_serving import QuietThreadingServer, serve_in_thread, shut_down
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATE: Final = REPO_ROOT / "template.yaml"
@@ -607,23 +609,14 @@ class LocalApi:
         server = _LocalApiServer((self._host, self._requested_port))
         server.local_api = self
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": SHUTDOWN_POLL_INTERVAL_SEC},
-            name="local-api",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(server, name="local-api", poll_interval=SHUTDOWN_POLL_INTERVAL_SEC)
         return self
 
     def stop(self) -> None:
         server, thread = self._server, self._thread
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        if thread is not None:
-            thread.join()
+        shut_down(server, thread)
         self._server = self._thread = None
         for name in self._applied_environment:  # the process environment as it was before start()
             os.environ.pop(name, None)
@@ -867,21 +860,12 @@ def _html_response(status: int, title: str, content: str) -> HttpResponse:
     return HttpResponse(status, (("Content-Type", "text/html; charset=utf-8"), ("Cache-Control", "no-store")), page)
 
 
-class _LocalApiServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128
+class _LocalApiServer(QuietThreadingServer):
+    label = "local-api"
     local_api: LocalApi
 
     def __init__(self, address: tuple[str, int]) -> None:
         super().__init__(address, _LocalApiHandler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints a traceback whose message could quote request data; name the error only.
-        exc_type = sys.exc_info()[0]
-        if exc_type is not None and issubclass(exc_type, ConnectionError):
-            return
-        name = exc_type.__name__ if exc_type is not None else "unknown error"
-        print(f"local-api: internal error ({name})", file=sys.stderr)
 
 
 class _LocalApiHandler(BaseHTTPRequestHandler):

@@ -25,9 +25,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Final, Literal, Self, cast
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
+
+from devtools.http_serving import QuietThreadingServer, serve_in_thread, shut_down
 
 AUTHORIZE_PATH: Final = "/login/v3/oauth"
 DECISION_PATH: Final = "/login/v3/oauth/decision"
@@ -357,13 +359,7 @@ class SonosStandIn:
         server = _StandInServer((self._host, self._requested_port))
         server.stand_in = self
         self._server = server
-        self._thread = threading.Thread(
-            target=server.serve_forever,
-            kwargs={"poll_interval": SHUTDOWN_POLL_INTERVAL_SEC},
-            name="sonos-standin",
-            daemon=True,
-        )
-        self._thread.start()
+        self._thread = serve_in_thread(server, name="sonos-standin", poll_interval=SHUTDOWN_POLL_INTERVAL_SEC)
         return self
 
     def stop(self) -> None:
@@ -371,11 +367,8 @@ class SonosStandIn:
         if server is None:
             return
         self._stopping.set()  # wakes requests sleeping in latency or hang faults
-        server.shutdown()
-        server.server_close()
+        shut_down(server, thread)
         server.close_open_connections()
-        if thread is not None:
-            thread.join()
         self._server = self._thread = None
 
     def __enter__(self) -> Self:
@@ -658,9 +651,8 @@ class SonosStandIn:
         return _json_reply(200, {"config": self.public_config()})
 
 
-class _StandInServer(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 128  # the default 5 resets connections when benchmarks open dozens at once
+class _StandInServer(QuietThreadingServer):
+    label = "sonos stand-in"
     stand_in: SonosStandIn
 
     def __init__(self, address: tuple[str, int]) -> None:
@@ -682,14 +674,6 @@ class _StandInServer(ThreadingHTTPServer):
         for connection in connections:
             with contextlib.suppress(OSError):  # already closed by its handler
                 connection.shutdown(socket.SHUT_RDWR)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The default prints a traceback whose message could quote request data; name the error only.
-        exc_type = sys.exc_info()[0]
-        if exc_type is not None and issubclass(exc_type, ConnectionError):
-            return
-        name = exc_type.__name__ if exc_type is not None else "unknown error"
-        print(f"sonos stand-in: internal error ({name})", file=sys.stderr)
 
 
 class _StandInHandler(BaseHTTPRequestHandler):

@@ -1,0 +1,41 @@
+"""What the local HTTP servers (the Sonos stand-in, the local API) share: a quiet server and its background thread."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from http.server import ThreadingHTTPServer
+from typing import Any, ClassVar
+
+
+class QuietThreadingServer(ThreadingHTTPServer):
+    """A threading HTTP server whose request errors are named, never printed with a traceback."""
+
+    daemon_threads = True
+    request_queue_size = 128  # the default 5 resets connections when benchmarks open dozens at once
+    label: ClassVar[str] = "server"  # how its error lines begin
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback whose message could quote request data; name the error only.
+        exc_type = sys.exc_info()[0]
+        if exc_type is not None and issubclass(exc_type, ConnectionError):
+            return
+        name = exc_type.__name__ if exc_type is not None else "unknown error"
+        print(f"{self.label}: internal error ({name})", file=sys.stderr)
+
+
+def serve_in_thread(server: ThreadingHTTPServer, *, name: str, poll_interval: float) -> threading.Thread:
+    """Serve from a daemon thread; ``poll_interval`` is how soon ``shut_down`` is noticed."""
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": poll_interval}, name=name, daemon=True
+    )
+    thread.start()
+    return thread
+
+
+def shut_down(server: ThreadingHTTPServer, thread: threading.Thread | None) -> None:
+    """Stop serving, close the listening socket and wait for the serving thread."""
+    server.shutdown()
+    server.server_close()
+    if thread is not None:
+        thread.join()
