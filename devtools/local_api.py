@@ -554,7 +554,9 @@ def _header_value(value: object) -> str:
 
 
 def _json_response(status: int, payload: object, *headers: tuple[str, str]) -> HttpResponse:
-    return HttpResponse(status, (("Content-Type", "application/json"), *headers), json.dumps(payload).encode())
+    """JSON as the handlers write it: compact, and never kept by a cache."""
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    return HttpResponse(status, (("Content-Type", "application/json"), ("Cache-Control", "no-store"), *headers), body)
 
 
 def error_response(status: int, code: str, message: str, *headers: tuple[str, str]) -> HttpResponse:
@@ -874,7 +876,9 @@ class _LocalApiHandler(BaseHTTPRequestHandler):
     # delayed ACK adds ~40 ms to every keep-alive answer and skews the demo's latencies.
     disable_nagle_algorithm = True
     server_version = "LocalApiGateway/1"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     def do_GET(self) -> None:
         self._serve()

@@ -682,7 +682,9 @@ class _StandInHandler(BaseHTTPRequestHandler):
     # delayed ACK of the headers (about 40 ms on Linux), on every keep-alive request.
     disable_nagle_algorithm = True
     server_version = "SonosStandIn/1"
-    sys_version = ""
+
+    def version_string(self) -> str:
+        return self.server_version
 
     _body_read = False
 

@@ -35,7 +35,7 @@ find_python() {
 }
 
 py=$(find_python)
-echo "venv: creating $venv with $("$py" -V) (first run only, about 30 s)"
+echo "venv: creating $venv with $("$py" -V) (first run only, 30-90 s: downloads from PyPI)"
 rm -rf "$venv"
 "$py" -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true

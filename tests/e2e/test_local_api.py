@@ -319,6 +319,10 @@ def test_unknown_route_answers_404_in_the_service_error_shape(api: LocalApi) -> 
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "not_found"
     assert "/nowhere" in response.json()["error"]["message"]
+    # Written as the handlers write theirs: compact JSON, never cached, a clean Server header.
+    assert response.content.startswith(b'{"error":{"code":"not_found"')
+    assert response.headers["Cache-Control"] == "no-store"
+    assert response.headers["Server"] == "LocalApiGateway/1"
 
 
 def test_known_path_with_another_method_answers_405_with_allow(api: LocalApi) -> None:

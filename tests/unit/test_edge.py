@@ -243,8 +243,11 @@ def api_event(
     body: str | None = None,
     base64_encoded: bool = False,
     content_type: str | None = None,
+    repeated: dict[str, list[str]] | None = None,
 ) -> dict[str, Any]:
     headers = {"Content-Type": content_type} if content_type else {}
+    multi_query = {k: [v] for k, v in query.items()} if query else {}
+    multi_query.update(repeated or {})
     return {
         "resource": path,
         "path": path,
@@ -252,7 +255,7 @@ def api_event(
         "headers": headers,
         "multiValueHeaders": {k: [v] for k, v in headers.items()},
         "queryStringParameters": query,
-        "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
+        "multiValueQueryStringParameters": multi_query or None,
         "pathParameters": None,
         "stageVariables": None,
         "requestContext": {"requestId": "req-1", "stage": "test", "httpMethod": method, "path": path},
@@ -320,6 +323,14 @@ def test_api_answers_a_valid_request(api: ServiceApi) -> None:
             api_event("POST", "/items", body='{"userId": "u"}', content_type="text/plain"),
             (400, "invalid_request", "The request body must be JSON (Content-Type: application/json)."),
         ),
+        (
+            api_event("GET", "/items", query={"userId": "u-1"}, repeated={"userId": ["u-1", "u-2"]}),
+            (400, "invalid_request", "userId must be given once."),
+        ),
+        (
+            api_event("GET", "/items", query={"userId": "u-1"}, repeated={"user id": ["a", "b"]}),
+            (400, "invalid_request", "A query parameter must be given once."),
+        ),
         (api_event(None, "/items"), (400, "invalid_request", "The API Gateway event has no method or path.")),
         (api_event("GET", "/elsewhere"), (404, "not_found", "No such route.")),
         (api_event("PATCH", "/items"), (405, "method_not_allowed", "This route does not accept that method.")),
@@ -336,6 +347,8 @@ def test_api_answers_a_valid_request(api: ServiceApi) -> None:
         "lone-surrogate",
         "deep-nesting",
         "not-json-content-type",
+        "repeated-query",
+        "repeated-unnamed-query",
         "no-method",
         "unknown-route",
         "unknown-method",

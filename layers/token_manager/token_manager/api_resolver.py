@@ -19,7 +19,7 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.params import Body, Query
 
-from token_manager.edge import JSON_CONTENT_TYPE, JSON_HEADERS, refuse
+from token_manager.edge import FIELD_NAME, JSON_CONTENT_TYPE, JSON_HEADERS, refuse
 from token_manager.errors import InvalidRequest, TokenServiceError
 from token_manager.observability import count_error
 
@@ -134,7 +134,19 @@ def _proxy_event_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
         return InvalidRequest("The API Gateway event has no method or path.")
     if not _shaped_like_api_gateway(event):
         return InvalidRequest("The API Gateway event is malformed.")
-    return _body_problem(event)
+    return _repeated_query_problem(event) or _body_problem(event)
+
+
+def _repeated_query_problem(event: Mapping[str, Any]) -> InvalidRequest | None:
+    """A query parameter given twice (``?userId=a&userId=b``) is ambiguous: refuse it by name.
+
+    The resolver would see a list and answer "userId must be a string", which misleads.
+    """
+    for name, values in (event.get("multiValueQueryStringParameters") or {}).items():
+        if len(values) > 1:
+            shown = name if FIELD_NAME.fullmatch(name) else "A query parameter"
+            return InvalidRequest(f"{shown} must be given once.")
+    return None
 
 
 def _body_problem(event: Mapping[str, Any]) -> InvalidRequest | None:

@@ -81,7 +81,7 @@ JSON_CONTENT_TYPE: Final = "application/json"
 JSON_HEADERS: Final[Mapping[str, str]] = {"Cache-Control": "no-store"}
 
 # Field names in validation messages come from our models; anything else is not echoed.
-_FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
+FIELD_NAME = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}")
 _MAX_PROBLEMS_NAMED = 3
 # Where the resolver's validation failures are defined; loaded only with the resolver.
 _POWERTOOLS_VALIDATION: Final = "aws_lambda_powertools.event_handler.openapi.exceptions"
@@ -204,7 +204,7 @@ def _describe_problem(error: Mapping[str, Any]) -> str:
         return "The request body is not valid JSON."
     if location == ["body"]:
         return "A JSON request body is required." if kind == "missing" else "The request body must be a JSON object."
-    names = [part for part in location if part not in ("body", "query") and _FIELD_NAME.fullmatch(part)]
+    names = [part for part in location if part not in ("body", "query") and FIELD_NAME.fullmatch(part)]
     field = names[-1] if names else "A field"
     limits = error.get("ctx") or {}
     if kind == "missing":
