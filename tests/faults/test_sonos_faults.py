@@ -134,14 +134,23 @@ def test_the_refresher_counts_an_outage_as_transient_and_keeps_the_grant(world: 
 
     summary = world.invoke("token_refresher", {"source": "aws.scheduler"})
 
-    assert summary == {"scanned": 1, "refreshed": 0, "failedTransient": 1, "failedPermanent": 0, "skipped": 0}
+    assert summary == {
+        "scanned": 1,
+        "refreshed": 0,
+        "failedTransient": 1,
+        "failedPermanent": 0,
+        "failedConfiguration": 0,
+        "skipped": 0,
+    }
     assert_grant_unchanged(before, world.rows())
 
 
 @pytest.mark.parametrize("fault", ["500", "hang"])
-def test_callback_while_sonos_fails_answers_upstream_unavailable_and_stores_nothing(
+def test_callback_while_sonos_does_not_answer_keeps_the_link_alive_and_a_reload_finishes_it(
     world: ServiceWorld, fault: str
 ) -> None:
+    # Sonos fails the code exchange on every attempt, before it looks at the code: the
+    # code is still good, so the state is put back and reloading the page links.
     _short_read_timeout(world)
     started = world.initiate()
     query = world.consent(started["authorizationUrl"])
@@ -150,14 +159,64 @@ def test_callback_while_sonos_fails_answers_upstream_unavailable_and_stores_noth
     page = world.callback(query)
 
     assert page["statusCode"] == 503
-    assert "Sonos could not be connected" in page["body"]
+    assert "Reload this page in a moment to finish connecting." in page["body"]
     assert world.rows() == {}
     assert world.stand_in.counts()["token_code"] == 3
-    # A reload answers like the first callback and exchanges nothing more.
+    # The faults are used up, as when Sonos recovers: the same callback URL finishes the link.
     again = world.callback(query)
-    assert again["statusCode"] == 503
-    assert world.stand_in.counts()["token_code"] == 3
-    # Sonos back: a new flow links.
+    assert again["statusCode"] == 200
+    assert "Sonos is connected" in again["body"]
+    assert world.stand_in.counts()["token_code"] == 4
+    row = world.row()
+    assert row is not None
+    assert row["token_status"] == "active"
+    assert "accessToken" in world.fetch()
+    # And the link is spent now: a third load answers like the success, with no exchange.
+    assert world.callback(query)["statusCode"] == 200
+    assert world.stand_in.counts()["token_code"] == 4
+
+
+def test_callback_reloaded_after_sonos_spent_the_code_answers_expired_and_exchanges_once_more(
+    world: ServiceWorld,
+) -> None:
+    # Our read timed out although Sonos took the code: the reload's exchange is refused
+    # (invalid_grant) and the page says to start again; nothing is stored.
+    _short_read_timeout(world)
+    started = world.initiate()
+    query = world.consent(started["authorizationUrl"])
+    world.stand_in.configure(latency_seconds=SHORT_READ_TIMEOUT_SECONDS + 0.2)
+
+    assert world.callback(query)["statusCode"] == 503
+    world.stand_in.configure(latency_seconds=0.0)
+    again = world.callback(query)
+
+    assert again["statusCode"] == 400
+    assert "This link has expired" in again["body"]
+    assert world.stand_in.counts()["token_code"] == 4  # three timed out, one refused
+    assert world.rows() == {}
+
+
+def test_callback_for_an_account_without_households_says_so_and_revokes_the_new_grant(
+    world: ServiceWorld,
+) -> None:
+    world.monkeypatch.setenv("SONOS_REVOKE_URL", world.stand_in.revoke_url)
+    world.new_container()
+    world.stand_in.configure(households=0)
+    started = world.initiate()
+    query = world.consent(started["authorizationUrl"])
+
+    page = world.callback(query)
+
+    assert page["statusCode"] == 404
+    assert "No Sonos system found" in page["body"]
+    assert world.rows() == {}
+    counts = world.stand_in.counts()
+    assert (counts["token_code"], counts["households"], counts["revoke"]) == (1, 1, 1)
+    # A reload repeats the answer without another exchange.
+    assert world.callback(query)["statusCode"] == 404
+    assert world.stand_in.counts()["token_code"] == 1
+    # Once the account has a household, a new flow links.
+    world.stand_in.configure(households=1)
     linked = world.link()
     assert world.fetch()["accessToken"] == linked.access_token
 

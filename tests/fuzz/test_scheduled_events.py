@@ -17,7 +17,7 @@ from tests.support.service_world import ServiceWorld
 
 pytestmark = pytest.mark.integration
 
-REFRESHER_KEYS = {"scanned", "refreshed", "failedTransient", "failedPermanent", "skipped"}
+REFRESHER_KEYS = {"scanned", "refreshed", "failedTransient", "failedPermanent", "failedConfiguration", "skipped"}
 ROTATION_KEYS = {
     "activeKeyId",
     "previousKeyId",
@@ -38,7 +38,14 @@ def test_refresher_junk_events(world: ServiceWorld, event: Any) -> None:
     answer = world.invoke("token_refresher", event)
     check_direct_answer(answer, REFRESHER_KEYS, forbidden=[INPUT_MARKER])
     if isinstance(event, dict):
-        assert answer == {"scanned": 0, "refreshed": 0, "failedTransient": 0, "failedPermanent": 0, "skipped": 0}
+        assert answer == {
+            "scanned": 0,
+            "refreshed": 0,
+            "failedTransient": 0,
+            "failedPermanent": 0,
+            "failedConfiguration": 0,
+            "skipped": 0,
+        }
 
 
 @pytest.fixture

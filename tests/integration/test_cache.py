@@ -156,20 +156,24 @@ def patient_cache(cache_url: str, server: redis.Redis, clock: FakeClock) -> Iter
 # --- OAuth state -------------------------------------------------------------
 
 
-def test_consume_state_returns_the_value_once_then_none(cache: RedisCache, server: redis.Redis) -> None:
+def test_consume_state_returns_the_value_once_then_none(
+    cache: RedisCache, server: redis.Redis, clock: FakeClock
+) -> None:
     cache.put_state(STATE, OAuthState(user_id=USER, redirect_uri=CALLBACK))
 
-    assert cache.consume_state(STATE) == OAuthState(user_id=USER, redirect_uri=CALLBACK)
+    assert cache.consume_state(STATE) == OAuthState(user_id=USER, redirect_uri=CALLBACK, expires_at=clock.now + 600)
     assert cache.consume_state(STATE) is None
     assert not server.exists(f"sonos:oauth:state:{STATE}")
 
 
-def test_put_state_stores_compact_json_for_ten_minutes(cache: RedisCache, server: redis.Redis) -> None:
+def test_put_state_stores_compact_json_for_ten_minutes(
+    cache: RedisCache, server: redis.Redis, clock: FakeClock
+) -> None:
     cache.put_state(STATE, OAuthState(user_id=USER, redirect_uri=CALLBACK))
 
     raw = server.get(f"sonos:oauth:state:{STATE}")
     assert raw is not None
-    assert json.loads(raw) == {"user_id": USER, "redirect_uri": CALLBACK}
+    assert json.loads(raw) == {"user_id": USER, "redirect_uri": CALLBACK, "expires_at": clock.now + 600}
     assert " " not in raw
     assert STATE_TTL_SECONDS == 600
     assert 590 < server.ttl(f"sonos:oauth:state:{STATE}") <= 600
@@ -195,6 +199,47 @@ def test_c8_expired_state_is_not_consumed_and_records_no_outcome(cache: RedisCac
     assert cache.get_outcome(STATE) is None
 
 
+def test_a_reopened_state_keeps_its_first_deadline_and_records_the_last_try(
+    cache: RedisCache, server: redis.Redis, clock: FakeClock
+) -> None:
+    cache.put_state(STATE, OAuthState(user_id=USER, redirect_uri=CALLBACK))
+    pending = cache.consume_state(STATE)
+    assert pending is not None
+    clock.now += 240  # the exchange failed four minutes into the state's ten
+    last_try = StateOutcome(status="failed", user_id=USER, error_code="upstream_unavailable")
+
+    assert cache.reopen_state(STATE, pending, last_try)
+
+    assert 355_000 < server.pttl(f"sonos:oauth:state:{STATE}") <= 360_000  # not a fresh ten minutes
+    assert 355_000 < server.pttl(f"sonos:oauth:done:{STATE}") <= 360_000
+    assert cache.get_outcome(STATE) == last_try  # a repeat racing the reload sees why the last try failed
+    assert cache.consume_state(STATE) == pending  # and the next callback takes the state again, once
+    assert cache.consume_state(STATE) is None
+
+
+@pytest.mark.parametrize("deadline", ["past", "unknown"])
+def test_a_state_past_or_without_its_deadline_is_not_reopened(
+    cache: RedisCache, server: redis.Redis, clock: FakeClock, deadline: str
+) -> None:
+    expires_at = None if deadline == "unknown" else clock.now - 0.001
+    pending = OAuthState(user_id=USER, redirect_uri=CALLBACK, expires_at=expires_at)
+
+    assert not cache.reopen_state(STATE, pending, StateOutcome(status="failed", user_id=USER))
+    assert server.keys("*") == []
+
+
+def test_a_state_stored_without_a_deadline_still_decodes(cache: RedisCache, server: redis.Redis) -> None:
+    server.set(f"sonos:oauth:state:{STATE}", json.dumps({"user_id": USER, "redirect_uri": CALLBACK}), ex=600)
+
+    assert cache.consume_state(STATE) == OAuthState(user_id=USER, redirect_uri=CALLBACK, expires_at=None)
+
+
+def test_reopen_state_with_redis_down_answers_false(down_cache: RedisCache, clock: FakeClock) -> None:
+    pending = OAuthState(user_id=USER, redirect_uri=CALLBACK, expires_at=clock.now + 60)
+
+    assert not down_cache.reopen_state(STATE, pending, StateOutcome(status="failed", user_id=USER))
+
+
 def test_c8_never_issued_state_is_none_and_records_no_outcome(cache: RedisCache, server: redis.Redis) -> None:
     assert cache.consume_state("never-issued") is None
     assert server.keys("*") == []
@@ -211,7 +256,7 @@ def test_malformed_state_value_is_treated_as_unknown(
 
 
 def test_c7_twenty_containers_consume_one_state_exactly_one_wins(
-    cache: RedisCache, cache_url: str, server: redis.Redis
+    cache: RedisCache, cache_url: str, server: redis.Redis, clock: FakeClock
 ) -> None:
     cache.put_state(STATE, OAuthState(user_id=USER, redirect_uri=CALLBACK))
     containers = [RedisCache.from_url(cache_url) for _ in range(20)]
@@ -224,7 +269,8 @@ def test_c7_twenty_containers_consume_one_state_exactly_one_wins(
     with ThreadPoolExecutor(max_workers=len(containers)) as pool:
         results = list(pool.map(consume, containers))
 
-    assert [r for r in results if r is not None] == [OAuthState(user_id=USER, redirect_uri=CALLBACK)]
+    winner = OAuthState(user_id=USER, redirect_uri=CALLBACK, expires_at=clock.now + 600)
+    assert [r for r in results if r is not None] == [winner]
     assert cache.get_outcome(STATE) == StateOutcome(status="pending", user_id=USER)
 
 
@@ -302,7 +348,9 @@ def test_consume_state_killed_mid_command_raises_storage_unavailable_and_keeps_t
     assert isinstance(outcome.get("error"), StorageUnavailable)
     assert warnings_from_cache(caplog) == ["redis oauth state consume failed: ConnectionError"]
     # The killed command never ran, so a retried callback can still complete the link.
-    assert patient_cache.consume_state(STATE) == OAuthState(user_id=USER, redirect_uri=CALLBACK)
+    kept = patient_cache.consume_state(STATE)
+    assert kept is not None
+    assert (kept.user_id, kept.redirect_uri) == (USER, CALLBACK)
 
 
 # --- token cache ---------------------------------------------------------------
@@ -525,7 +573,9 @@ def test_injected_client_returning_bytes_works(cache_url: str, server: redis.Red
     injected.put_state(STATE, OAuthState(user_id=USER, redirect_uri=CALLBACK))
     injected.set_token(USER, TOKEN_BLOB, ttl_seconds=60)
 
-    assert injected.consume_state(STATE) == OAuthState(user_id=USER, redirect_uri=CALLBACK)
+    consumed = injected.consume_state(STATE)
+    assert consumed is not None
+    assert (consumed.user_id, consumed.redirect_uri) == (USER, CALLBACK)
     assert injected.get_outcome(STATE) == StateOutcome(status="pending", user_id=USER)
     assert injected.get_token(USER) == TOKEN_BLOB
     client.close()

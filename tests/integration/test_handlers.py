@@ -336,7 +336,14 @@ def _expect_revoke_direct(world: World, answer: Any) -> None:
 
 
 def _expect_refresher(world: World, answer: Any) -> None:
-    assert answer == {"scanned": 0, "refreshed": 0, "failedTransient": 0, "failedPermanent": 0, "skipped": 0}
+    assert answer == {
+        "scanned": 0,
+        "refreshed": 0,
+        "failedTransient": 0,
+        "failedPermanent": 0,
+        "failedConfiguration": 0,
+        "skipped": 0,
+    }
 
 
 def _expect_rotation(world: World, answer: Any) -> None:
@@ -768,7 +775,7 @@ def test_callback_failure_redirect_appends_only_the_error_code(world: World) -> 
 @pytest.mark.parametrize(
     ("sonos_status", "sonos_body", "status", "page"),
     [
-        pytest.param(503, {}, 503, "Sonos could not be connected", id="sonos-down"),
+        pytest.param(503, {}, 503, "Reload this page in a moment", id="sonos-down"),
         pytest.param(400, {"error": "invalid_grant"}, 400, "This link has expired", id="code-already-used"),
         pytest.param(401, {"error": "invalid_client"}, 500, "Sonos could not be connected", id="bad-client"),
     ],
@@ -897,7 +904,14 @@ def test_refresher_refreshes_a_grant_due_before_the_next_run(world: World) -> No
     world.link(expires_in=500)
     world.sonos_token(access="access-MARKER-refreshed-0002", refresh=None)
     summary = world.invoke("token_refresher", load_event("token_refresher_schedule.json"))
-    assert summary == {"scanned": 1, "refreshed": 1, "failedTransient": 0, "failedPermanent": 0, "skipped": 0}
+    assert summary == {
+        "scanned": 1,
+        "refreshed": 1,
+        "failedTransient": 0,
+        "failedPermanent": 0,
+        "failedConfiguration": 0,
+        "skipped": 0,
+    }
     assert world.invoke("token_fetch", {"userId": USER})["accessToken"] == "access-MARKER-refreshed-0002"
 
 

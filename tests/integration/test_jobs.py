@@ -87,6 +87,7 @@ def test_refresher_refreshes_what_comes_due_and_reports_each_outcome(
         "refreshed": 1,
         "failedTransient": 1,
         "failedPermanent": 1,
+        "failedConfiguration": 0,
         "skipped": 1,
     }
     store = manager._store
@@ -149,3 +150,37 @@ def test_key_rotation_persists_the_ring_before_touching_rows(env: ManagerEnv, rs
     with pytest.raises(RuntimeError):
         run_key_rotation(manager._store, env.ring, persist_ring=ssm_down)
     assert manager._store.count_by_key_id() == {env.ring.active_key_id: 1}
+
+
+def test_refresher_stops_after_sonos_refuses_our_client_and_keeps_every_grant(
+    env: ManagerEnv, rsps: responses.RequestsMock
+) -> None:
+    users = [f"due-{n}" for n in range(5)]
+    for user in users:
+        env.link(rsps, user, access=f"access-MARKER-{user}", refresh=f"refresh-MARKER-{user}")
+        set_expiry(env, user, 60)
+    rsps.add(responses.POST, TOKEN_URL, status=401, json={"error": "invalid_client"})
+    manager = env.manager()
+
+    summary = run_refresher(
+        manager,
+        manager._store,
+        now=env.clock.now,
+        period_seconds=300,
+        refresh_ahead_seconds=300,
+        concurrency=1,
+        remaining_ms=lambda: 200_000,
+    )
+
+    # One refusal is enough to know: the rest would be refused the same way.
+    assert summary.to_dict() == {
+        "scanned": 5,
+        "refreshed": 0,
+        "failedTransient": 0,
+        "failedPermanent": 0,
+        "failedConfiguration": 1,
+        "skipped": 4,
+    }
+    assert len(token_calls(rsps)) == 1
+    assert {manager._store.get(user).token_status for user in users} == {TokenStatus.ACTIVE}
+    assert env.notifier.events == []

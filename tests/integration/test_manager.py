@@ -589,9 +589,7 @@ def test_revoke_deletes_locally_when_provider_revocation_fails(env: ManagerEnv, 
 # ---------------------------------------------------- C11: short lifetimes
 
 
-def test_c11_short_lived_token_does_not_refresh_on_every_fetch(
-    env: ManagerEnv, rsps: responses.RequestsMock
-) -> None:
+def test_c11_short_lived_token_does_not_refresh_on_every_fetch(env: ManagerEnv, rsps: responses.RequestsMock) -> None:
     env.link(rsps)
     age_to(env, 60)
     rsps.add(responses.POST, TOKEN_URL, json=env.token_json("access-MARKER-c11a", "refresh-MARKER-c11a", 60))
@@ -623,6 +621,100 @@ def test_c12_invalid_client_is_our_configuration_not_the_grant(env: ManagerEnv, 
     assert grant.token_status is TokenStatus.ACTIVE
     assert decrypt(env, grant, "refresh_token") == LINK_REFRESH
     assert env.notifier.events == []
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "message"),
+    [
+        (401, {"error": "invalid_client"}, "Sonos rejected the client credentials (invalid_client)."),
+        (
+            404,
+            {"error": "server_error"},
+            "Sonos refused this service's request (HTTP 404): check the Sonos client settings and URLs.",
+        ),
+        (
+            403,
+            {},
+            "Sonos refused this service's request (HTTP 403): check the Sonos client settings and URLs.",
+        ),
+    ],
+    ids=["invalid-client", "404", "403"],
+)
+def test_c12_a_refusal_of_our_client_is_named_by_what_sonos_answered(
+    env: ManagerEnv, rsps: responses.RequestsMock, status: int, body: dict[str, str], message: str
+) -> None:
+    # Only invalid_client is called a credentials problem; any other unexpected refusal
+    # (a wrong token URL, a proxy) names its status, so on-call looks in the right place.
+    env.link(rsps)
+    age_to(env, -1)
+    rsps.add(responses.POST, TOKEN_URL, status=status, json=body)
+    with pytest.raises(ConfigurationError) as raised:
+        env.manager().get_token("user-1")
+    assert raised.value.message == message
+    assert stored(env).token_status is TokenStatus.ACTIVE
+    assert len(token_calls(rsps)) == 1
+
+
+def test_a_new_grant_the_store_cannot_take_is_revoked_at_sonos(
+    env: ManagerEnv, rsps: responses.RequestsMock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    revoke_url = "https://api.sonos.test/revoke"
+    manager = env.manager(revoke_url=revoke_url)
+    request = manager.initiate_oauth_flow("user-1")
+    rsps.add(responses.POST, TOKEN_URL, json=env.token_json(LINK_ACCESS, LINK_REFRESH))
+    rsps.add(responses.GET, HOUSEHOLDS_URL, json={"households": [{"id": "Sonos_HH1"}]})
+    rsps.add(responses.POST, revoke_url, status=200)
+
+    def store_down(grant: object) -> object:
+        raise StorageUnavailable()
+
+    monkeypatch.setattr(manager._store, "link", store_down)
+    with pytest.raises(StorageUnavailable):
+        manager.handle_oauth_callback("code-MARKER-unkept", request.state)
+
+    revokes = [call for call in rsps.calls if call.request.url == revoke_url]
+    assert [form(call.request)["token"] for call in revokes] == [LINK_REFRESH]
+    assert stored(env) is None
+
+
+def test_an_account_without_households_is_refused_and_its_new_grant_revoked(
+    env: ManagerEnv, rsps: responses.RequestsMock
+) -> None:
+    revoke_url = "https://api.sonos.test/revoke"
+    manager = env.manager(revoke_url=revoke_url)
+    request = manager.initiate_oauth_flow("user-1")
+    rsps.add(responses.POST, TOKEN_URL, json=env.token_json(LINK_ACCESS, LINK_REFRESH))
+    rsps.add(responses.GET, HOUSEHOLDS_URL, json={"households": []})
+    rsps.add(responses.POST, revoke_url, status=200)
+
+    with pytest.raises(HouseholdNotLinked, match="no household yet"):
+        manager.handle_oauth_callback("code-MARKER-nohh", request.state)
+
+    assert len([call for call in rsps.calls if call.request.url == revoke_url]) == 1
+    assert stored(env) is None
+    with pytest.raises(HouseholdNotLinked):  # a reload answers the same, with no second exchange
+        env.manager().handle_oauth_callback("code-MARKER-nohh", request.state)
+    assert len(token_calls(rsps)) == 1
+
+
+def test_a_code_exchange_sonos_did_not_answer_can_be_retried_with_the_same_callback(
+    env: ManagerEnv, rsps: responses.RequestsMock
+) -> None:
+    manager = env.manager()
+    request = manager.initiate_oauth_flow("user-1")
+    for _ in range(3):
+        rsps.add(responses.POST, TOKEN_URL, status=503)
+    with pytest.raises(UpstreamUnavailable, match="reload this page"):
+        manager.handle_oauth_callback("code-MARKER-retry", request.state)
+    assert stored(env) is None
+
+    rsps.add(responses.POST, TOKEN_URL, json=env.token_json(LINK_ACCESS, LINK_REFRESH))
+    rsps.add(responses.GET, HOUSEHOLDS_URL, json={"households": [{"id": "Sonos_HH1"}]})
+    result = env.manager().handle_oauth_callback("code-MARKER-retry", request.state)
+
+    assert not result.repeated
+    assert decrypt(env, stored(env), "access_token") == LINK_ACCESS
+    assert [form(call.request)["code"] for call in token_calls(rsps)] == ["code-MARKER-retry"] * 4
 
 
 # -------------------------------------------------------- refresher steps

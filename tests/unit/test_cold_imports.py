@@ -225,7 +225,14 @@ def test_an_api_event_first_is_answered_with_the_resolvers_validation(container:
 def test_a_refresher_run_with_nothing_due_loads_neither(container: Container, linked_user: str) -> None:
     imported, run = container.run("token_refresher", load_event("token_refresher_schedule.json"))
 
-    assert run.answer == {"scanned": 0, "refreshed": 0, "failedTransient": 0, "failedPermanent": 0, "skipped": 0}
+    assert run.answer == {
+        "scanned": 0,
+        "refreshed": 0,
+        "failedTransient": 0,
+        "failedPermanent": 0,
+        "failedConfiguration": 0,
+        "skipped": 0,
+    }
     assert imported.loaded == run.loaded == frozenset()
 
 

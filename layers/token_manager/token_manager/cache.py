@@ -7,7 +7,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
@@ -78,6 +78,8 @@ class OAuthState:
 
     user_id: str
     redirect_uri: str
+    # When the state lapses (epoch seconds); None for a state stored without it.
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +147,7 @@ class RedisCache:
         self._consume_state_script: Script = client.register_script(_CONSUME_STATE_LUA)
         self._release_lock_script: Script = client.register_script(_RELEASE_LOCK_LUA)
         self._set_token_script: Script = client.register_script(_SET_UNLESS_BLOCKED_LUA)
+        self._clock = clock
         self._failure_log = _FailureLog(clock)
 
     @classmethod
@@ -177,11 +180,34 @@ class RedisCache:
     # --- OAuth state ---------------------------------------------------------
 
     def put_state(self, state: str, value: OAuthState, ttl_seconds: int = STATE_TTL_SECONDS) -> None:
-        payload = _compact_json({"user_id": value.user_id, "redirect_uri": value.redirect_uri})
+        payload = _state_payload(value, expires_at=self._clock() + ttl_seconds)
         try:
             self._client.set(state_key(state), payload, ex=ttl_seconds)
         except self._failures as exc:
             raise self._storage_unavailable("oauth state write", exc) from None
+
+    def reopen_state(self, state: str, value: OAuthState, last_try: StateOutcome) -> bool:
+        """Put a consumed state back until its original deadline, so the same callback URL can
+        be tried again (the code exchange failed transiently: the code may still be good).
+
+        ``last_try`` becomes the state's outcome record, so a repeated callback that races
+        with the reopening answers with the last try's error rather than "expired". ``False``
+        (and nothing changed) when the deadline is unknown or past, or Redis fails.
+        """
+        if value.expires_at is None:
+            return False
+        remaining_ms = int((value.expires_at - self._clock()) * 1000)
+        if remaining_ms <= 0:
+            return False
+        try:
+            pipe = self._client.pipeline(transaction=True)
+            pipe.set(state_key(state), _state_payload(value, expires_at=value.expires_at), px=remaining_ms)
+            pipe.set(outcome_key(state), _outcome_payload(last_try), px=remaining_ms)
+            pipe.execute()
+        except self._failures as exc:
+            self._failure_log.report("oauth state reopen", type(exc).__name__)
+            return False
+        return True
 
     def peek_state(self, state: str) -> OAuthState | None:
         """The state's value, left in place; ``None`` when unknown, expired or already consumed."""
@@ -210,16 +236,14 @@ class RedisCache:
         if not isinstance(user_id, str) or not isinstance(redirect_uri, str):
             self._failure_log.report("oauth state decode", "MalformedValue")
             return None
-        return OAuthState(user_id=user_id, redirect_uri=redirect_uri)
+        expires_at = fields.get("expires_at") if fields else None
+        if isinstance(expires_at, bool) or not isinstance(expires_at, int | float):
+            expires_at = None
+        return OAuthState(user_id=user_id, redirect_uri=redirect_uri, expires_at=expires_at)
 
     def record_outcome(self, state: str, outcome: StateOutcome, ttl_seconds: int = STATE_TTL_SECONDS) -> None:
-        fields: dict[str, str] = {"status": outcome.status, "user_id": outcome.user_id}
-        if outcome.household_id is not None:
-            fields["household_id"] = outcome.household_id
-        if outcome.error_code is not None:
-            fields["error_code"] = outcome.error_code
         try:
-            self._client.set(outcome_key(state), _compact_json(fields), ex=ttl_seconds)
+            self._client.set(outcome_key(state), _outcome_payload(outcome), ex=ttl_seconds)
         except self._failures as exc:
             raise self._storage_unavailable("oauth outcome write", exc) from None
 
@@ -420,8 +444,23 @@ class _FailureLog:
             logger.warning("redis %s failed: %s", operation, error_class)
 
 
-def _compact_json(fields: dict[str, str]) -> str:
+def _compact_json(fields: Mapping[str, str | float]) -> str:
     return json.dumps(fields, separators=(",", ":"))
+
+
+def _state_payload(value: OAuthState, *, expires_at: float) -> str:
+    return _compact_json(
+        {"user_id": value.user_id, "redirect_uri": value.redirect_uri, "expires_at": round(expires_at, 3)}
+    )
+
+
+def _outcome_payload(outcome: StateOutcome) -> str:
+    fields: dict[str, str] = {"status": outcome.status, "user_id": outcome.user_id}
+    if outcome.household_id is not None:
+        fields["household_id"] = outcome.household_id
+    if outcome.error_code is not None:
+        fields["error_code"] = outcome.error_code
+    return _compact_json(fields)
 
 
 def _text(raw: Any) -> str:

@@ -75,6 +75,12 @@ class UpstreamUnavailable(TokenServiceError):
     default_message = "Sonos is unavailable; try again later."
 
 
+class CodeExchangeUnavailable(UpstreamUnavailable):
+    """Sonos did not answer the code exchange; the state was put back, so the same callback can be retried."""
+
+    default_message = "Sonos did not answer in time; reload this page in a moment to finish connecting."
+
+
 class StorageUnavailable(TokenServiceError):
     code = "storage_unavailable"
     status = 503

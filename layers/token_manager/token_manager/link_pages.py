@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import urlsplit, urlunsplit
 
-from token_manager.errors import AccessDenied, InvalidState, TokenServiceError
+from token_manager.errors import (
+    AccessDenied,
+    CodeExchangeUnavailable,
+    HouseholdNotLinked,
+    InvalidState,
+    TokenServiceError,
+)
 
 if TYPE_CHECKING:
     from aws_lambda_powertools.event_handler import Response
@@ -64,6 +70,14 @@ _EXPIRED = _Page(
     "This link has expired",
     "This Sonos connection link is no longer valid. Start connecting Sonos again from the app.",
 )
+_RETRY = _Page(
+    "Sonos did not answer",
+    "Sonos did not answer in time. Reload this page in a moment to finish connecting.",
+)
+_NO_HOUSEHOLD = _Page(
+    "No Sonos system found",
+    "This Sonos account has no household yet. Set up your Sonos system, then connect Sonos again from the app.",
+)
 _FAILED = _Page("Sonos could not be connected", "Something went wrong while connecting Sonos. Please try again later.")
 
 
@@ -80,6 +94,10 @@ def link_failed(error: TokenServiceError, urls: LinkUrls) -> Response[str]:
         page = _DENIED
     elif isinstance(error, InvalidState):
         page = _EXPIRED
+    elif isinstance(error, CodeExchangeUnavailable):
+        page = _RETRY
+    elif isinstance(error, HouseholdNotLinked):
+        page = _NO_HOUSEHOLD
     else:
         page = _FAILED
     return _page(page, status=error.status)

@@ -21,6 +21,7 @@ from token_manager.cache import STATE_TTL_SECONDS, CacheUnavailable, OAuthState,
 from token_manager.crypto import KeyRing, TokenCipher
 from token_manager.errors import (
     AccessDenied,
+    CodeExchangeUnavailable,
     ConfigurationError,
     HouseholdNotLinked,
     InvalidRedirectUri,
@@ -88,7 +89,9 @@ class RefreshOutcome(StrEnum):
     NOT_DUE = "not_due"  # someone else refreshed first, or it was not due after all
     SKIPPED = "skipped"  # another caller holds the lock
     FAILED_TRANSIENT = "failed_transient"
-    FAILED_PERMANENT = "failed_permanent"
+    FAILED_PERMANENT = "failed_permanent"  # the grant is expired: its user must connect again
+    FAILED_CONFIGURATION = "failed_configuration"  # ours to fix (e.g. a key missing from the ring); grant kept
+    CLIENT_REJECTED = "client_rejected"  # Sonos refuses our client: every other refresh would fail too
 
 
 class Metrics(Protocol):
@@ -228,6 +231,15 @@ class SonosTokenManager:
             return self._answer_repeated_callback(state)
         try:
             result = self._link(pending, code)
+        except CodeExchangeUnavailable:
+            # Sonos did not answer the exchange, so the code may still be good: reopen the
+            # state, and reloading the page tries again instead of ending on a dead link.
+            last_try = StateOutcome(status="failed", user_id=pending.user_id, error_code=UpstreamUnavailable.code)
+            if not self._cache.reopen_state(state, pending, last_try):
+                self._cache_outcome(state, last_try)
+                raise UpstreamUnavailable() from None
+            logger.info("oauth state reopened after sonos did not answer", extra={"user_id": pending.user_id})
+            raise
         except TokenServiceError as exc:
             self._cache_outcome(state, StateOutcome(status="failed", user_id=pending.user_id, error_code=exc.code))
             raise
@@ -274,12 +286,25 @@ class SonosTokenManager:
             self._sleep(CALLBACK_POLL_SECONDS)
 
     def _link(self, pending: OAuthState, code: str) -> LinkResult:
-        with _sonos_errors(operation="code exchange"):
+        with _sonos_errors(operation="code exchange", unavailable=CodeExchangeUnavailable):
             tokens = self._sonos.exchange_code(code, pending.redirect_uri)
+        try:
+            return self._keep_new_grant(pending, tokens)
+        except BaseException:
+            # Sonos issued a grant we cannot keep: revoke it (best effort) rather than leave it behind.
+            provider_revoked = self._sonos.revoke(tokens.refresh_token or tokens.access_token)
+            logger.info(
+                "new sonos grant abandoned", extra={"user_id": pending.user_id, "provider_revoked": provider_revoked}
+            )
+            raise
+
+    def _keep_new_grant(self, pending: OAuthState, tokens: TokenResponse) -> LinkResult:
         if not tokens.refresh_token:
             raise UpstreamUnavailable("Sonos returned no refresh token; the link cannot be kept fresh.")
         with _sonos_errors(operation="household discovery"):
             households = tuple(self._sonos.list_households(tokens.access_token))
+        if not households:
+            raise HouseholdNotLinked("This Sonos account has no household yet. Set up Sonos, then connect again.")
         now = self._now()
         user_id = pending.user_id
         grant = self._store.link(
@@ -373,6 +398,10 @@ class SonosTokenManager:
             return RefreshOutcome.FAILED_PERMANENT
         except _TransientFailure:
             return RefreshOutcome.FAILED_TRANSIENT
+        except _ClientRejected:
+            return RefreshOutcome.CLIENT_REJECTED
+        except ConfigurationError:
+            return RefreshOutcome.FAILED_CONFIGURATION
         except TokenServiceError as exc:
             logger.warning("refresh failed", extra={"user_id": grant.user_id, "code": exc.code})
             return RefreshOutcome.FAILED_TRANSIENT if exc.retryable else RefreshOutcome.FAILED_PERMANENT
@@ -455,10 +484,10 @@ class SonosTokenManager:
             tokens = self._sonos.refresh(refresh_token)
         except SonosGrantRejected as exc:
             return _Refreshed(self._on_grant_rejected(current, exc.error_code, exclusive=exclusive), refreshed=False)
-        except SonosClientRejected:
+        except SonosClientRejected as exc:
             self._metrics.add("RefreshFailedConfiguration")
-            logger.error("sonos rejected our client credentials", extra={"user_id": current.user_id})
-            raise ConfigurationError("Sonos rejected the client credentials (invalid_client).") from None
+            logger.error("sonos rejected our client", extra={"user_id": current.user_id, "status": exc.status})
+            raise _ClientRejected(_client_rejected(exc).message) from None
         except (SonosUnavailable, SonosInvalidResponse) as exc:
             return _Refreshed(self._on_transient_failure(current, exc), refreshed=False)
         return self._persist_refresh(current, tokens)
@@ -749,8 +778,9 @@ def _was_refreshed_since(before: StoredGrant, after: StoredGrant) -> bool:
 class _sonos_errors:
     """Maps Sonos client failures during linking to the service's error codes."""
 
-    def __init__(self, *, operation: str) -> None:
+    def __init__(self, *, operation: str, unavailable: type[UpstreamUnavailable] = UpstreamUnavailable) -> None:
         self._operation = operation
+        self._unavailable = unavailable
 
     def __enter__(self) -> None:
         return None
@@ -760,12 +790,26 @@ class _sonos_errors:
             return
         logger.warning("sonos %s failed", self._operation, extra={"error": type(exc).__name__})
         if isinstance(exc, SonosClientRejected):
-            raise ConfigurationError("Sonos rejected the client credentials (invalid_client).") from None
+            raise _client_rejected(exc) from None
         if isinstance(exc, SonosGrantRejected):
             raise InvalidState("The authorization code is expired or was already used. Start again.") from None
         if isinstance(exc, SonosInvalidResponse):
             raise UpstreamUnavailable(f"Sonos returned an unusable answer during {self._operation}.") from None
-        raise UpstreamUnavailable() from None
+        raise self._unavailable() from None
+
+
+class _ClientRejected(ConfigurationError):
+    """Sonos refused our client on a refresh: a configuration error that every grant shares."""
+
+
+def _client_rejected(exc: SonosClientRejected) -> ConfigurationError:
+    """Our configuration, named as precisely as Sonos's answer allows (status and error code only)."""
+    if exc.error_code == "invalid_client":
+        return ConfigurationError("Sonos rejected the client credentials (invalid_client).")
+    answer = f"HTTP {exc.status}" if exc.status is not None else "a request error"
+    return ConfigurationError(
+        f"Sonos refused this service's request ({answer}): check the Sonos client settings and URLs."
+    )
 
 
 def _require_id(name: str, value: object) -> str:

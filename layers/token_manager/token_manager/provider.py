@@ -362,7 +362,7 @@ class SonosClient:
         return self._token_request(Operation.REFRESH, form)
 
     def list_households(self, access_token: str) -> list[str]:
-        """The household ids the grant sees, in Sonos's order. An account with none is unusable."""
+        """The household ids the grant sees, in Sonos's order; empty for an account with none yet."""
         result = self._call(Operation.LIST_HOUSEHOLDS, "GET", self._households_url, auth=_BearerAuth(access_token))
         response = self._raise_unless_ok(Operation.LIST_HOUSEHOLDS, result)
         return _household_ids(response)
@@ -491,6 +491,7 @@ class SonosClient:
             f"Sonos rejected this service's client during {operation}: {result.describe()}.",
             operation=operation,
             status=status,
+            error_code=result.error_code,
         )
 
 
@@ -534,6 +535,4 @@ def _household_ids(response: requests.Response) -> list[str]:
             raise _invalid(operation, status, "with a household that has no id")
         if household_id not in ids:
             ids.append(household_id)
-    if not ids:
-        raise _invalid(operation, status, "with no households")
     return ids

@@ -79,8 +79,19 @@ class SonosClientRejected(SonosError):
 
     default_message = "Sonos rejected this service's client configuration."
 
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        operation: str | None = None,
+        status: int | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        self.error_code = sanitize_error_code(error_code)
+        super().__init__(message, operation=operation, status=status)
+
 
 class SonosInvalidResponse(SonosError):
-    """Sonos answered 2xx with something we cannot use (no expiry, no token, not JSON, no households)."""
+    """Sonos answered 2xx with something we cannot use (no expiry, no token, not JSON, no households list)."""
 
     default_message = "Sonos answered with an unusable response."

@@ -26,7 +26,9 @@ class RefresherSummary:
     refreshed: int = 0
     failed_transient: int = 0
     failed_permanent: int = 0
+    failed_configuration: int = 0
     skipped: int = 0
+    client_rejected: bool = False  # Sonos refused our client: the run starts nothing more
 
     def count(self, outcome: RefreshOutcome) -> None:
         if outcome is RefreshOutcome.REFRESHED:
@@ -35,6 +37,9 @@ class RefresherSummary:
             self.failed_transient += 1
         elif outcome is RefreshOutcome.FAILED_PERMANENT:
             self.failed_permanent += 1
+        elif outcome in (RefreshOutcome.FAILED_CONFIGURATION, RefreshOutcome.CLIENT_REJECTED):
+            self.failed_configuration += 1
+            self.client_rejected = self.client_rejected or outcome is RefreshOutcome.CLIENT_REJECTED
         else:  # skipped (lock held elsewhere) or not due after all
             self.skipped += 1
 
@@ -44,6 +49,7 @@ class RefresherSummary:
             "refreshed": self.refreshed,
             "failedTransient": self.failed_transient,
             "failedPermanent": self.failed_permanent,
+            "failedConfiguration": self.failed_configuration,
             "skipped": self.skipped,
         }
 
@@ -62,7 +68,8 @@ def run_refresher(
 ) -> RefresherSummary:
     """Refresh, with at most ``concurrency`` at once, the active grants whose refresh
     point falls before the next run (``now + period``). Grants left when the
-    invocation's time runs low are counted as skipped and picked up next time."""
+    invocation's time runs low, or once Sonos has refused our client credentials, are
+    counted as skipped and picked up next time."""
     due_before = now + timedelta(seconds=period_seconds)
     scan_before = due_before + timedelta(seconds=refresh_ahead_seconds)
     summary = RefresherSummary()
@@ -71,12 +78,14 @@ def run_refresher(
         in_flight: set[Future[RefreshOutcome]] = set()
         for grant in grants:
             summary.scanned += 1
-            if remaining_ms() < stop_margin_ms:
-                summary.skipped += 1
-                continue  # keep counting what is due, but start nothing new
             if len(in_flight) >= concurrency:
                 done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
                 _collect(done, summary)
+            if summary.client_rejected or remaining_ms() < stop_margin_ms:
+                # Keep counting what is due, but start nothing new: time is short, or Sonos
+                # refuses our client and would refuse every other grant's refresh the same way.
+                summary.skipped += 1
+                continue
             in_flight.add(pool.submit(manager.refresh_if_due, grant, due_before))
         done, _ = wait(in_flight)
         _collect(done, summary)

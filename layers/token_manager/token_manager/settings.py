@@ -108,9 +108,7 @@ def powertools_ssm_fresh_fetcher(names: list[str], max_age: int) -> Mapping[str,
     return values
 
 
-def load_settings(
-    environ: Mapping[str, str] | None = None, fetch_ssm: SsmFetcher = powertools_ssm_fetcher
-) -> Settings:
+def load_settings(environ: Mapping[str, str] | None = None, fetch_ssm: SsmFetcher = powertools_ssm_fetcher) -> Settings:
     """Build and validate the settings; raises ConfigurationError naming the bad setting."""
     env_vars = os.environ if environ is None else environ
 
