@@ -28,7 +28,7 @@ from aws_lambda_powertools.metrics.provider.cold_start import reset_cold_start_f
 from botocore.exceptions import EndpointConnectionError
 from moto import mock_aws
 
-from tests.support.answer_checks import ERROR_STATUS
+from tests.support.answer_checks import ERROR_STATUS, refresher_summary
 from tests.support.handlers import (
     LambdaContextStub,
     api_event,
@@ -336,14 +336,7 @@ def _expect_revoke_direct(world: World, answer: Any) -> None:
 
 
 def _expect_refresher(world: World, answer: Any) -> None:
-    assert answer == {
-        "scanned": 0,
-        "refreshed": 0,
-        "failedTransient": 0,
-        "failedPermanent": 0,
-        "failedConfiguration": 0,
-        "skipped": 0,
-    }
+    assert answer == refresher_summary()
 
 
 def _expect_rotation(world: World, answer: Any) -> None:
@@ -904,14 +897,7 @@ def test_refresher_refreshes_a_grant_due_before_the_next_run(world: World) -> No
     world.link(expires_in=500)
     world.sonos_token(access="access-MARKER-refreshed-0002", refresh=None)
     summary = world.invoke("token_refresher", load_event("token_refresher_schedule.json"))
-    assert summary == {
-        "scanned": 1,
-        "refreshed": 1,
-        "failedTransient": 0,
-        "failedPermanent": 0,
-        "failedConfiguration": 0,
-        "skipped": 0,
-    }
+    assert summary == refresher_summary(scanned=1, refreshed=1)
     assert world.invoke("token_fetch", {"userId": USER})["accessToken"] == "access-MARKER-refreshed-0002"
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -11,12 +11,14 @@ import psycopg
 import pytest
 import responses
 
+from tests.support.answer_checks import refresher_summary
 from tests.support.manager_env import TOKEN_URL, Clock, ManagerEnv, RecordingNotifier, form, token_calls
 from token_manager.cache import RedisCache
 from token_manager.crypto import KeyRing, TokenCipher
 from token_manager.key_rotation import run_key_rotation
+from token_manager.manager import SonosTokenManager
 from token_manager.models import TokenStatus
-from token_manager.refresher import run_refresher
+from token_manager.refresher import PAGE_SIZE, RefresherSummary, run_refresher
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +53,27 @@ def set_expiry(env: ManagerEnv, user_id: str, seconds_from_now: float) -> None:
         )
 
 
+def run_every_five_minutes(
+    env: ManagerEnv,
+    manager: SonosTokenManager,
+    *,
+    concurrency: int,
+    page_size: int = PAGE_SIZE,
+    remaining_ms: Callable[[], int] = lambda: 200_000,
+) -> RefresherSummary:
+    """One refresher run as the schedule makes it: every 5 minutes, a 5-minute refresh window."""
+    return run_refresher(
+        manager,
+        manager._store,
+        now=env.clock.now,
+        period_seconds=300,
+        refresh_ahead_seconds=300,
+        concurrency=concurrency,
+        remaining_ms=remaining_ms,
+        page_size=page_size,
+    )
+
+
 def test_refresher_refreshes_what_comes_due_and_reports_each_outcome(
     env: ManagerEnv, rsps: responses.RequestsMock
 ) -> None:
@@ -72,24 +95,10 @@ def test_refresher_refreshes_what_comes_due_and_reports_each_outcome(
 
     rsps.add_callback(responses.POST, TOKEN_URL, callback=answer)
     manager = env.manager()
-    summary = run_refresher(
-        manager,
-        manager._store,
-        now=env.clock.now,
-        period_seconds=300,
-        refresh_ahead_seconds=300,
-        concurrency=4,
-        remaining_ms=lambda: 200_000,
-        page_size=2,
+    summary = run_every_five_minutes(env, manager, concurrency=4, page_size=2)
+    assert summary.to_dict() == refresher_summary(
+        scanned=4, refreshed=1, failedTransient=1, failedPermanent=1, skipped=1
     )
-    assert summary.to_dict() == {
-        "scanned": 4,
-        "refreshed": 1,
-        "failedTransient": 1,
-        "failedPermanent": 1,
-        "failedConfiguration": 0,
-        "skipped": 1,
-    }
     store = manager._store
     assert store.get("due-rejected").token_status is TokenStatus.EXPIRED
     assert env.notifier.events == [("due-rejected", "invalid_grant")]
@@ -106,15 +115,7 @@ def test_refresher_stops_taking_work_when_time_runs_low(env: ManagerEnv, rsps: r
     rsps.add(responses.POST, TOKEN_URL, json=env.token_json("access-MARKER-r", "refresh-MARKER-r"))
     remaining = iter([60_000, 60_000, 5_000, 5_000, 5_000])
     manager = env.manager()
-    summary = run_refresher(
-        manager,
-        manager._store,
-        now=env.clock.now,
-        period_seconds=300,
-        refresh_ahead_seconds=300,
-        concurrency=1,
-        remaining_ms=lambda: next(remaining),
-    )
+    summary = run_every_five_minutes(env, manager, concurrency=1, remaining_ms=lambda: next(remaining))
     assert (summary.scanned, summary.refreshed, summary.skipped) == (5, 2, 3)
     assert len(token_calls(rsps)) == 2
 
@@ -162,25 +163,10 @@ def test_refresher_stops_after_sonos_refuses_our_client_and_keeps_every_grant(
     rsps.add(responses.POST, TOKEN_URL, status=401, json={"error": "invalid_client"})
     manager = env.manager()
 
-    summary = run_refresher(
-        manager,
-        manager._store,
-        now=env.clock.now,
-        period_seconds=300,
-        refresh_ahead_seconds=300,
-        concurrency=1,
-        remaining_ms=lambda: 200_000,
-    )
+    summary = run_every_five_minutes(env, manager, concurrency=1)
 
     # One refusal is enough to know: the rest would be refused the same way.
-    assert summary.to_dict() == {
-        "scanned": 5,
-        "refreshed": 0,
-        "failedTransient": 0,
-        "failedPermanent": 0,
-        "failedConfiguration": 1,
-        "skipped": 4,
-    }
+    assert summary.to_dict() == refresher_summary(scanned=5, failedConfiguration=1, skipped=4)
     assert len(token_calls(rsps)) == 1
     assert {manager._store.get(user).token_status for user in users} == {TokenStatus.ACTIVE}
     assert env.notifier.events == []

@@ -25,6 +25,23 @@ ERROR_STATUS = {
     "storage_unavailable": 503,
     "configuration_error": 500,
 }
+# The refresher's answer: DESIGN.md section 3's counts, plus failedConfiguration (ours to fix).
+REFRESHER_SUMMARY_KEYS = (
+    "scanned",
+    "refreshed",
+    "failedTransient",
+    "failedPermanent",
+    "failedConfiguration",
+    "skipped",
+)
+
+
+def refresher_summary(**counts: int) -> dict[str, int]:
+    """A refresher answer with every count 0 except those given (by their wire names)."""
+    assert set(counts) <= set(REFRESHER_SUMMARY_KEYS), counts
+    return {key: counts.get(key, 0) for key in REFRESHER_SUMMARY_KEYS}
+
+
 # The API resolver's own refusals for a path or method no route serves.
 ROUTING_STATUS = {"not_found": 404, "method_not_allowed": 405}
 

@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from tests.conftest import MIGRATIONS, ROOT, SUPABASE_ROLES_SQL
+from tests.support.answer_checks import refresher_summary
 from tests.support.handlers import load_event
 from tests.support.secret_guard import SecretGuard, without_fetched_token
 from token_manager.crypto import KeyRing, TokenCipher
@@ -225,14 +226,7 @@ def test_an_api_event_first_is_answered_with_the_resolvers_validation(container:
 def test_a_refresher_run_with_nothing_due_loads_neither(container: Container, linked_user: str) -> None:
     imported, run = container.run("token_refresher", load_event("token_refresher_schedule.json"))
 
-    assert run.answer == {
-        "scanned": 0,
-        "refreshed": 0,
-        "failedTransient": 0,
-        "failedPermanent": 0,
-        "failedConfiguration": 0,
-        "skipped": 0,
-    }
+    assert run.answer == refresher_summary()
     assert imported.loaded == run.loaded == frozenset()
 
 
