@@ -36,6 +36,7 @@ from token_manager.errors import (
     TokenDecryptionError,
     TokenServiceError,
 )
+from token_manager.models import ID_PATTERN, MAX_ID_CHARS
 from token_manager.observability import count_error
 
 if TYPE_CHECKING:
@@ -72,10 +73,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_ID_CHARS: Final = 256
 MAX_URI_CHARS: Final = 2048
-# Ids are printable ASCII without spaces (the manager holds the same rule; docs/openapi.yaml's Id).
-ID_PATTERN: Final = r"^[!-~]+$"
 JSON_CONTENT_TYPE: Final = "application/json"
 # Answers may carry an access token: no browser, proxy or CDN may keep a copy.
 JSON_HEADERS: Final[Mapping[str, str]] = {"Cache-Control": "no-store"}
@@ -100,35 +98,30 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True, hide_input_in_errors=True)
 
 
+_Id = Field(strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
+UserId = Annotated[str, _Id, Field(alias="userId")]
+HouseholdId = Annotated[str | None, _Id, Field(alias="householdId")]
+
+
 class FetchRequest(_Request):
     """``{"userId", "householdId"?, "correlationId"?}``"""
 
-    user_id: Annotated[
-        str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    ]
-    household_id: Annotated[
-        str | None, Field(alias="householdId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    ] = None
+    user_id: UserId
+    household_id: HouseholdId = None
     correlation_id: Annotated[str | None, Field(alias="correlationId", strict=True, max_length=MAX_ID_CHARS)] = None
 
 
 class RevokeRequest(_Request):
     """``{"userId", "householdId"?}``"""
 
-    user_id: Annotated[
-        str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    ]
-    household_id: Annotated[
-        str | None, Field(alias="householdId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    ] = None
+    user_id: UserId
+    household_id: HouseholdId = None
 
 
 class InitiateRequest(_Request):
     """``{"userId", "redirectUri"?}``"""
 
-    user_id: Annotated[
-        str, Field(alias="userId", strict=True, min_length=1, max_length=MAX_ID_CHARS, pattern=ID_PATTERN)
-    ]
+    user_id: UserId
     redirect_uri: Annotated[
         str | None, Field(alias="redirectUri", strict=True, min_length=1, max_length=MAX_URI_CHARS)
     ] = None

@@ -34,7 +34,7 @@ from token_manager.errors import (
     TokenServiceError,
     UpstreamUnavailable,
 )
-from token_manager.models import NewGrant, StoredGrant, TokenStatus, TokenUpdate
+from token_manager.models import ID_PATTERN, MAX_ID_CHARS, NewGrant, StoredGrant, TokenStatus, TokenUpdate
 from token_manager.notifications import ReconnectNotifier
 from token_manager.provider_errors import (
     SonosClientRejected,
@@ -52,7 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 STATE_BYTES = 32
-MAX_ID_LENGTH = 256
 MAX_CODE_LENGTH = 2048
 MAX_STATE_LENGTH = 128
 MAX_REDIRECT_URI_LENGTH = 2048
@@ -69,7 +68,7 @@ UNLOCKED_REJECTION_POLL_SECONDS = 0.1
 # refresher runs every few minutes, so once the store is back it is written within one run.
 UNSTORED_REFRESH_TTL_SECONDS = 86_400
 
-_ID_PATTERN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no spaces or control characters
+_ID_PATTERN = re.compile(ID_PATTERN)
 _STATE_PATTERN = re.compile(r"^[A-Za-z0-9_-]+$")
 _ERROR_CODE_PATTERN = re.compile(r"^[a-z0-9_]{1,64}$")
 
@@ -487,7 +486,7 @@ class SonosTokenManager:
         except SonosClientRejected as exc:
             self._metrics.add("RefreshFailedConfiguration")
             logger.error("sonos rejected our client", extra={"user_id": current.user_id, "status": exc.status})
-            raise _ClientRejected(_client_rejected(exc).message) from None
+            raise _client_rejected(exc) from None
         except (SonosUnavailable, SonosInvalidResponse) as exc:
             return _Refreshed(self._on_transient_failure(current, exc), refreshed=False)
         return self._persist_refresh(current, tokens)
@@ -799,15 +798,15 @@ class _sonos_errors:
 
 
 class _ClientRejected(ConfigurationError):
-    """Sonos refused our client on a refresh: a configuration error that every grant shares."""
+    """Sonos refused our client: a configuration error that every grant shares."""
 
 
-def _client_rejected(exc: SonosClientRejected) -> ConfigurationError:
+def _client_rejected(exc: SonosClientRejected) -> _ClientRejected:
     """Our configuration, named as precisely as Sonos's answer allows (status and error code only)."""
     if exc.error_code == "invalid_client":
-        return ConfigurationError("Sonos rejected the client credentials (invalid_client).")
+        return _ClientRejected("Sonos rejected the client credentials (invalid_client).")
     answer = f"HTTP {exc.status}" if exc.status is not None else "a request error"
-    return ConfigurationError(
+    return _ClientRejected(
         f"Sonos refused this service's request ({answer}): check the Sonos client settings and URLs."
     )
 
@@ -815,8 +814,8 @@ def _client_rejected(exc: SonosClientRejected) -> ConfigurationError:
 def _require_id(name: str, value: object) -> str:
     if not isinstance(value, str) or not value:
         raise InvalidRequest(f"{name} is required and must be a non-empty string.")
-    if len(value) > MAX_ID_LENGTH or not _ID_PATTERN.match(value):
-        raise InvalidRequest(f"{name} must be at most {MAX_ID_LENGTH} printable characters without spaces.")
+    if len(value) > MAX_ID_CHARS or not _ID_PATTERN.match(value):
+        raise InvalidRequest(f"{name} must be at most {MAX_ID_CHARS} printable characters without spaces.")
     return value
 
 

@@ -5,6 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from typing import Final
+
+# The rule for user and household ids wherever they arrive (request models, the manager,
+# docs/openapi.yaml's Id): 1 to 256 characters of printable ASCII, no spaces.
+MAX_ID_CHARS: Final = 256
+ID_PATTERN: Final = r"^[!-~]+$"
 
 
 class TokenStatus(StrEnum):
