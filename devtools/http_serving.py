@@ -1,11 +1,46 @@
-"""What the local HTTP servers (the Sonos stand-in, the local API) share: a quiet server and its background thread."""
+"""What the local HTTP servers (the Sonos stand-in, the local API) share: a quiet server,
+its request handler's HTTP manners, its background thread, and start/stop as a `with` block."""
 
 from __future__ import annotations
 
 import sys
 import threading
-from http.server import ThreadingHTTPServer
-from typing import Any, ClassVar
+import types
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, ClassVar, Self
+
+
+class Running:
+    """``with thing:`` starts it and stops it however the block ends (``start`` returns ``self``)."""
+
+    def start(self) -> Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class KeepAliveHandler(BaseHTTPRequestHandler):
+    """Keep-alive HTTP/1.1 like a real API, a bare ``Server`` header, and no stderr access log."""
+
+    protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes: with Nagle on, the body waits for the client's
+    # delayed ACK of the headers (about 40 ms on Linux), on every keep-alive answer.
+    disable_nagle_algorithm = True
+
+    def version_string(self) -> str:
+        return self.server_version  # without the default's " Python/3.x"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return  # the default writes raw request lines, queries included, to stderr
 
 
 class QuietThreadingServer(ThreadingHTTPServer):

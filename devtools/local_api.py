@@ -15,12 +15,10 @@ import sys
 import threading
 import time
 import traceback
-import types
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Final, Self, cast
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -28,7 +26,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 # PyYAML comes with cfn-lint in the dev venv; its stubs (types-PyYAML) may not be installed.
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
-from devtools.http_serving import QuietThreadingServer, serve_in_thread, shut_down
+from devtools.http_serving import KeepAliveHandler, QuietThreadingServer, Running, serve_in_thread, shut_down
 
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
 DEFAULT_TEMPLATE: Final = REPO_ROOT / "template.yaml"
@@ -567,7 +565,7 @@ def error_response(status: int, code: str, message: str, *headers: tuple[str, st
 # ---------------------------------------------------------------------------- the server
 
 
-class LocalApi:
+class LocalApi(Running):
     """The local API server: real HTTP on a loopback port, served from a background thread.
 
     Example::
@@ -623,14 +621,6 @@ class LocalApi:
         for name in self._applied_environment:  # the process environment as it was before start()
             os.environ.pop(name, None)
         self._applied_environment = []
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
@@ -870,15 +860,8 @@ class _LocalApiServer(QuietThreadingServer):
         super().__init__(address, _LocalApiHandler)
 
 
-class _LocalApiHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    # Headers and body go out in two writes: without TCP_NODELAY, Nagle plus the client's
-    # delayed ACK adds ~40 ms to every keep-alive answer and skews the demo's latencies.
-    disable_nagle_algorithm = True
+class _LocalApiHandler(KeepAliveHandler):
     server_version = "LocalApiGateway/1"
-
-    def version_string(self) -> str:
-        return self.server_version
 
     def do_GET(self) -> None:
         self._serve()
@@ -937,9 +920,6 @@ class _LocalApiHandler(BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         return  # LocalApi logs each request itself, without the query
-
-    def log_message(self, format: str, *args: Any) -> None:
-        return
 
 
 def _stderr(line: str) -> None:

@@ -12,11 +12,11 @@ import secrets
 import signal
 import sys
 import threading
-import types
 from collections.abc import Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Final, Self
 
+from devtools.http_serving import Running
 from devtools.local_api import DEFAULT_TEMPLATE, DEMO_USER_ID, LocalApi
 from devtools.sonos_standin import SonosStandIn, StandInConfig
 
@@ -28,7 +28,7 @@ KEY_RING_PARAMETER: Final = "/storytailor-dev/sonos/token-encryption-keys"
 LOCAL_REGION: Final = "us-east-1"
 
 
-class LocalStack:
+class LocalStack(Running):
     """A Sonos stand-in and a local API whose handlers read settings seeded to match it.
 
     The settings go into ``environ`` (the process environment by default), which is
@@ -191,14 +191,6 @@ class LocalStack:
         if self._ssm_server is not None:
             self._ssm_server.stop()
             self._ssm_server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
-    ) -> None:
-        self.stop()
 
 
 def _required_env(name: str) -> str:

@@ -25,11 +25,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler
 from typing import Any, Final, Literal, Self, cast
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
-from devtools.http_serving import QuietThreadingServer, serve_in_thread, shut_down
+from devtools.http_serving import KeepAliveHandler, QuietThreadingServer, Running, serve_in_thread, shut_down
 
 AUTHORIZE_PATH: Final = "/login/v3/oauth"
 DECISION_PATH: Final = "/login/v3/oauth/decision"
@@ -317,7 +316,7 @@ def _error_page(status: int, reason: str) -> _Reply:
     return _Reply(status, _page("Sonos: error", content), "text/html;charset=utf-8")
 
 
-class SonosStandIn:
+class SonosStandIn(Running):
     """The stand-in server: real HTTP on a loopback port, served from a background thread.
 
     Example::
@@ -370,14 +369,6 @@ class SonosStandIn:
         shut_down(server, thread)
         server.close_open_connections()
         self._server = self._thread = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: types.TracebackType | None
-    ) -> None:
-        self.stop()
 
     @property
     def url(self) -> str:
@@ -676,15 +667,8 @@ class _StandInServer(QuietThreadingServer):
                 connection.shutdown(socket.SHUT_RDWR)
 
 
-class _StandInHandler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a real API would offer, for benchmarks
-    # Headers and body go out in two writes: with Nagle on, the body waits for the client's
-    # delayed ACK of the headers (about 40 ms on Linux), on every keep-alive request.
-    disable_nagle_algorithm = True
+class _StandInHandler(KeepAliveHandler):
     server_version = "SonosStandIn/1"
-
-    def version_string(self) -> str:
-        return self.server_version
 
     _body_read = False
 
@@ -833,10 +817,6 @@ class _StandInHandler(BaseHTTPRequestHandler):
         if self._stand_in.config.log_requests:
             path = urlsplit(self.path).path
             print(f"sonos stand-in: {self.command} {path} {code}", file=sys.stderr)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        # Silent: the default writes raw request lines to stderr.
-        return
 
 
 class _ConsentFormParser(HTMLParser):
