@@ -51,6 +51,7 @@ def run(services: BenchServices, *, runs: int) -> list[Row]:
         "client_secret": services.client_secret,
         "auth_base_url": services.stand_in.url,
         "control_base_url": services.stand_in.control_url,
+        "redirect_uri": REDIRECT_URI,
         "user_id": USER_ID,
     }
     context = multiprocessing.get_context("spawn")
@@ -167,35 +168,9 @@ def _worker(config: dict[str, Any], commands: Any, results: Any, start: Barrier)
     layer_logger.addHandler(logging.NullHandler())
     layer_logger.propagate = False
 
-    from token_manager.cache import RedisCache
-    from token_manager.crypto import KeyRing, TokenCipher
-    from token_manager.manager import SonosTokenManager
-    from token_manager.notifications import NullNotifier
-    from token_manager.provider import SonosClient, SonosClientConfig
-    from token_manager.store.postgres import PostgresTokenStore
+    from tests.support.single_flight_worker import container_manager
 
-    def build(use_lock: bool) -> tuple[SonosTokenManager, PostgresTokenStore, RedisCache]:
-        store = PostgresTokenStore(config["database_url"])
-        cache = RedisCache.from_url(config["redis_url"])
-        manager = SonosTokenManager(
-            store=store,
-            cache=cache,
-            cipher=TokenCipher(KeyRing.from_json(config["key_ring"])),
-            sonos=SonosClient(
-                SonosClientConfig(
-                    client_id=config["client_id"],
-                    client_secret=config["client_secret"],
-                    auth_base_url=config["auth_base_url"],
-                    control_base_url=config["control_base_url"],
-                )
-            ),
-            notifier=NullNotifier(),
-            redirect_uris=(REDIRECT_URI,),
-            use_refresh_lock=use_lock,
-        )
-        return manager, store, cache
-
-    containers = {True: build(True), False: build(False)}
+    containers = {use_lock: container_manager(config, use_lock=use_lock) for use_lock in (True, False)}
     results.put(("ready", 0.0))
     while (command := commands.get()) is not None:
         use_lock, threads = command

@@ -48,3 +48,19 @@ def fresh_database(database_url: str) -> Iterator[str]:
     finally:
         with psycopg.connect(database_url, autocommit=True) as admin:
             admin.execute(f'drop database if exists "{name}" with (force)')
+
+
+@pytest.fixture
+def migrated_database(fresh_database: str) -> str:
+    """An empty database with the Supabase roles and the migrations applied, dropped afterwards.
+
+    Key rotation and the refresher scan every row: a database of their own keeps other
+    suites' rows (under other key rings) out of their counts.
+    """
+    import psycopg
+
+    with psycopg.connect(fresh_database, autocommit=True) as connection:
+        connection.execute(SUPABASE_ROLES_SQL.read_text())
+        for migration in MIGRATIONS:
+            connection.execute(migration.read_text())
+    return fresh_database

@@ -16,7 +16,7 @@ import yaml  # type: ignore[import-untyped,unused-ignore]
 from openapi_spec_validator import validate as validate_openapi
 
 from devtools.local_api import DEFAULT_TEMPLATE, ServiceDefinition
-from tests.support.answer_checks import header_of
+from tests.support.handlers import header
 from tests.support.service_world import USER, ServiceWorld, api_event
 from token_manager.errors import ALL_ERRORS
 
@@ -83,12 +83,12 @@ def check_against_document(method: str, path: str, answer: dict[str, Any]) -> tu
     if "$ref" in response:
         response = document()["components"]["responses"][response["$ref"].rsplit("/", 1)[-1]]
     for name in response.get("headers", {}):
-        assert header_of(answer, name), f"{method} {path} {status} lacks the documented {name} header"
+        assert header(answer, name), f"{method} {path} {status} lacks the documented {name} header"
     content = response.get("content", {})
     if not content:
         assert answer["body"] == ""
         return method, path, status
-    content_type = (header_of(answer, "Content-Type") or "").split(";")[0].strip()
+    content_type = (header(answer, "Content-Type") or "").split(";")[0].strip()
     assert content_type in content, f"{method} {path} {status} answered {content_type}"
     schema = content[content_type]["schema"]
     body: Any = json.loads(answer["body"]) if content_type == "application/json" else answer["body"]

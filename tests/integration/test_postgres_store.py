@@ -14,7 +14,6 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from tests.conftest import MIGRATIONS, SUPABASE_ROLES_SQL
 from token_manager.errors import ConfigurationError, StorageUnavailable
 from token_manager.models import NewGrant, TokenUpdate
 from token_manager.store.postgres import PostgresTokenStore
@@ -48,15 +47,6 @@ def backend_pid(store: PostgresTokenStore) -> int:
     connection = store._connection
     assert connection is not None
     return connection.info.backend_pid
-
-
-@pytest.fixture
-def migrated_database(fresh_database: str) -> str:
-    with psycopg.connect(fresh_database, autocommit=True) as connection:
-        connection.execute(SUPABASE_ROLES_SQL.read_text())
-        for migration in MIGRATIONS:
-            connection.execute(migration.read_text())
-    return fresh_database
 
 
 @pytest.fixture

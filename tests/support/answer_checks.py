@@ -13,6 +13,8 @@ import re
 from collections.abc import Collection
 from typing import Any
 
+from tests.support.handlers import header
+
 ERROR_STATUS = {
     "invalid_request": 400,
     "invalid_redirect_uri": 400,
@@ -91,16 +93,6 @@ def check_direct_answer(
             assert text not in json.dumps(answer), f"the answer echoes {text!r}"
 
 
-def header_of(answer: dict[str, Any], name: str) -> str | None:
-    for key, values in (answer.get("multiValueHeaders") or {}).items():
-        if key.lower() == name.lower():
-            return str(values[-1])
-    for key, value in (answer.get("headers") or {}).items():
-        if key.lower() == name.lower():
-            return str(value)
-    return None
-
-
 def check_api_answer(
     answer: Any,
     *,
@@ -121,9 +113,9 @@ def check_api_answer(
     assert answer.get("isBase64Encoded") in (False, None), answer
     for text in forbidden:
         assert text not in body, f"the answer echoes {text!r}"
-    content_type = header_of(answer, "Content-Type") or ""
+    content_type = header(answer, "Content-Type") or ""
     if browser and status == 302:
-        assert header_of(answer, "Location"), answer
+        assert header(answer, "Location"), answer
         assert body == ""
         return status
     if browser and content_type.startswith("text/html"):
@@ -140,7 +132,7 @@ def check_api_answer(
         assert {**ERROR_STATUS, **ROUTING_STATUS}[code] == status, answer
         assert status < 500 or code in allow_5xx, answer
         if status == 405:
-            assert header_of(answer, "Allow"), answer
+            assert header(answer, "Allow"), answer
     else:
         assert status == 200, answer
         assert set(payload) == set(success_keys), payload

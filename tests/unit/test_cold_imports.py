@@ -20,11 +20,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 
-from tests.conftest import MIGRATIONS, ROOT, SUPABASE_ROLES_SQL
+from tests.conftest import ROOT
 from tests.support.answer_checks import refresher_summary
 from tests.support.handlers import load_event
 from tests.support.secret_guard import SecretGuard, without_fetched_token
@@ -93,16 +92,6 @@ class Container:
         for step in steps:
             self.guard.seen(without_fetched_token(step.answer), f"the {function} answer")
         return steps
-
-
-@pytest.fixture
-def migrated_database(fresh_database: str) -> str:
-    # A database of its own: the refresher must find exactly what this test put there.
-    with psycopg.connect(fresh_database, autocommit=True) as connection:
-        connection.execute(SUPABASE_ROLES_SQL.read_text())
-        for migration in MIGRATIONS:
-            connection.execute(migration.read_text())
-    return fresh_database
 
 
 @pytest.fixture
